@@ -1,0 +1,19 @@
+"""expert_parallel: sparse Mixture-of-Experts layers with experts sharded across processes.
+
+Shape suffixes (a tensor's name ends in the letters of its dimensions):
+    B batch, L sequence length, D model dim, F expert hidden dim, T tokens (B*L, or a rank's local
+    tokens), G routing groups, S tokens per group, E experts (global), e experts on this rank,
+    K top-k, C capacity (slots per expert per group), N routed token copies (rows), n rows on this
+    rank's experts, M assignments before drops, R ranks in the expert-parallel group.
+"""
+
+from .config import MoEConfig
+from .experts import FeedForward
+from .layer import MoE
+from .losses import MoEAux
+from .routing import NoisyTopKRouter, TopKOutput, TopKRouter
+
+__version__ = "0.1.0"
+
+__all__ = ["FeedForward", "MoE", "MoEAux", "MoEConfig", "NoisyTopKRouter", "TopKOutput",
+           "TopKRouter", "__version__"]

@@ -1,0 +1,71 @@
+"""Dispatch and combine: tokens to per-expert rows and weighted expert outputs back to tokens.
+
+A dispatcher turns ``x_TD`` and a :class:`RoutingPlan` into the rows this rank's experts must run
+(``Dispatched``: rows sorted by local expert, their counts, and whatever combine needs), and turns the
+expert outputs back into ``y_TD``. :class:`LocalDispatcher` is the R = 1 case (every expert local, no
+communication); an expert-parallel dispatcher implements the same two methods with an all-to-all
+exchange between the gather and the experts, and between the experts and the combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from .plan import RoutingPlan
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What dispatch hands to the experts and, through the caller, to combine.
+
+    Attributes:
+        x_nD: rows for this rank's experts, sorted by local expert.
+        counts_e: int64 [e], rows per local expert.
+        plan: the routing plan the rows came from.
+    """
+
+    x_nD: Tensor
+    counts_e: Tensor
+    plan: RoutingPlan
+
+
+class Dispatcher(Protocol):
+    """Moves routed token copies to the experts that own them and the outputs back."""
+
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
+        """Rows of x for this rank's experts."""
+        ...
+
+    def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
+        """y_TD = sum over each token's kept rows of gate * expert output."""
+        ...
+
+
+def gather_rows(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
+    """x_ND: one row per kept routed copy, in plan order (expert, group, slot)."""
+    return x_TD.index_select(0, plan.token_N)
+
+
+def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
+    """y_TD = sum of gate_N * y_ND over the rows of each token (index_add; dropped copies add 0)."""
+    weighted_ND = y_ND * plan.gate_N.to(y_ND.dtype)[:, None]
+    out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
+    return out_TD.index_add(0, plan.token_N, weighted_ND)
+
+
+class LocalDispatcher:
+    """Every expert on this device (expert-parallel size 1): gather, run, combine."""
+
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
+        """Rows of x for all E experts, sorted by expert."""
+        return Dispatched(gather_rows(x_TD, plan), plan.counts_E, plan)
+
+    def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
+        """Weighted sum of the expert outputs into their tokens."""
+        return combine_rows(y_nD, dispatched.plan, num_tokens)
+
+
+__all__ = ["Dispatched", "Dispatcher", "LocalDispatcher", "combine_rows", "gather_rows"]

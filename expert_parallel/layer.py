@@ -1,0 +1,82 @@
+"""MoE: router -> plan -> dispatch -> experts -> combine, on x_BLD."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .dispatch import Dispatcher, LocalDispatcher
+from .experts import GroupedExperts, draw_base_seed
+from .losses import MoEAux, load_balance_loss, make_aux, router_entropy, z_loss
+from .plan import RoutingPlan, token_choice_plan
+from .routing import capacity, group_size, make_router, topk_from_logits
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer.
+
+    State-dict keys: ``router.weight`` [E, D], ``router.noise.weight`` [E, D] (noisy_topk),
+    ``experts.w_in`` [E, D, F], ``experts.w_gate`` [E, D, F] (swiglu / geglu),
+    ``experts.w_out`` [E, F, D], and with ``bias`` ``experts.b_in`` / ``b_gate`` [E, F],
+    ``experts.b_out`` [E, D].
+
+    Args:
+        cfg: the validated layer configuration.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = make_router(cfg)
+        # One draw from the global generator; expert i is initialised from (base_seed, i).
+        self.experts = GroupedExperts(cfg, draw_base_seed())
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
+        """Routes every token to its experts and mixes their outputs.
+
+        Args:
+            x_BLD: [B, L, D] input, dtype equal to cfg.dtype.
+
+        Returns:
+            y_BLD: [B, L, D], same shape and dtype as the input.
+            aux: the auxiliary losses and routing statistics (:class:`MoEAux`).
+        """
+        self._check_input(x_BLD)
+        B, L, D = x_BLD.shape
+        S = group_size(self.cfg, B, L)
+        x_TD = x_BLD.reshape(B * L, D)
+        logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
+        plan, aux = self._route(logits_GSE)
+        dispatched = self.dispatcher.dispatch(x_TD, plan)
+        y_nD = self.experts(dispatched.x_nD, dispatched.counts_e)
+        y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
+        return self.dropout(y_TD.reshape(B, L, D)), aux
+
+    def _route(self, logits_GSE: Tensor) -> tuple[RoutingPlan, MoEAux]:
+        """The routing plan and the aux losses from the router logits."""
+        cfg = self.cfg
+        routed = topk_from_logits(logits_GSE, cfg.top_k, cfg.normalize_topk)
+        C = capacity(cfg, logits_GSE.shape[1], self.training)
+        plan = token_choice_plan(routed.indices, routed.gates, routed.probs, C, cfg.drop_policy)
+        dropped = torch.tensor(1.0 - plan.num_kept / max(plan.num_assignments, 1))
+        aux = make_aux(balance=load_balance_loss(routed.indices, routed.probs),
+                       zloss=z_loss(logits_GSE), entropy=router_entropy(logits_GSE),
+                       dropped=dropped, counts_E=plan.counts_E,
+                       balance_coef=cfg.load_balance_coef, z_coef=cfg.z_loss_coef)
+        return plan, aux
+
+    def _check_input(self, x_BLD: Tensor) -> None:
+        cfg = self.cfg
+        if x_BLD.dim() != 3 or x_BLD.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoE expected input [B, L, D] with D=d_model={cfg.d_model}, "
+                             f"got shape {tuple(x_BLD.shape)}")
+        weight = self.experts.w_in
+        if x_BLD.dtype != weight.dtype:
+            raise ValueError(f"MoE input dtype {x_BLD.dtype} does not match the parameter dtype "
+                             f"{weight.dtype} (MoEConfig.dtype)")
+        if x_BLD.device != weight.device:
+            raise ValueError(f"MoE input is on {x_BLD.device} but the parameters are on "
+                             f"{weight.device}")

@@ -1,0 +1,63 @@
+"""Auxiliary losses and routing metrics (MoEAux). Math only, no communication."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """Auxiliary losses and routing statistics of one MoE call.
+
+    Attributes:
+        loss: load_balance_coef * load_balance_loss + z_loss_coef * z_loss (differentiable).
+        load_balance_loss: E * sum_e f_e * P_e, averaged over groups (1.0 when balanced).
+        z_loss: mean over tokens of logsumexp(logits)^2.
+        router_entropy: mean over tokens of -sum_e p log p.
+        dropped_fraction: dropped assignments / all assignments.
+        expert_counts: int64 [E], kept assignments per expert.
+    """
+
+    loss: Tensor
+    load_balance_loss: Tensor
+    z_loss: Tensor
+    router_entropy: Tensor
+    dropped_fraction: Tensor
+    expert_counts: Tensor
+
+
+def load_balance_loss(idx_GSK: Tensor, probs_GSE: Tensor) -> Tensor:
+    """Switch/GShard balance loss E * sum_e f_e P_e per group, averaged over groups.
+
+    f_e is the share of the group's S*K assignments that chose e (before drops), P_e the mean
+    probability of e over the group's tokens.
+    """
+    G, S, K = idx_GSK.shape
+    E = probs_GSE.shape[-1]
+    chosen_GE = torch.zeros(G, E, dtype=probs_GSE.dtype, device=probs_GSE.device)
+    chosen_GE.scatter_add_(1, idx_GSK.reshape(G, S * K), probs_GSE.new_ones(G, S * K))
+    f_GE = chosen_GE / (S * K)
+    p_GE = probs_GSE.mean(dim=1)
+    return (E * (f_GE * p_GE).sum(dim=-1)).mean()
+
+
+def z_loss(logits_GSE: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_GSE, dim=-1).square().mean()
+
+
+def router_entropy(logits_GSE: Tensor) -> Tensor:
+    """Mean over tokens of the entropy of the router distribution."""
+    logp_GSE = torch.log_softmax(logits_GSE, dim=-1)
+    return -(logp_GSE.exp() * logp_GSE).sum(dim=-1).mean()
+
+
+def make_aux(*, balance: Tensor, zloss: Tensor, entropy: Tensor, dropped: Tensor,
+             counts_E: Tensor, balance_coef: float, z_coef: float) -> MoEAux:
+    """Assembles MoEAux; the weighted total is the only differentiable output the model needs."""
+    return MoEAux(loss=balance_coef * balance + z_coef * zloss, load_balance_loss=balance,
+                  z_loss=zloss, router_entropy=entropy, dropped_fraction=dropped,
+                  expert_counts=counts_E)

@@ -1,0 +1,119 @@
+"""The routing plan: which token goes to which expert slot with which weight. Math only.
+
+Every router is turned into a :class:`RoutingPlan`, so one dispatcher serves them all. Rows of the plan
+(routed token copies that are kept) are sorted by (expert, group, slot): the rows of expert e form one
+contiguous block, and inside it group g's rows sit at slots 0, 1, ... — exactly the layout of a
+[E, G, C] capacity buffer, minus its empty slots. No one-hot [S, E, C] tensor is ever built: slots come
+from one stable sort and a segment offset, O(N log N) in the routed copies N whatever E and C are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Kept routed rows sorted by (expert, group, slot); produced by a router, consumed by dispatch.
+
+    Attributes:
+        num_experts: E.
+        num_groups: G.
+        tokens_per_group: S.
+        capacity: C, slots per expert per group, or None (dropless).
+        token_N: source token of each row (index into x_TD).
+        expert_N: expert of each row (non-decreasing).
+        group_N: routing group of each row.
+        slot_N: position of the row inside its (expert, group) block, < C.
+        gate_N: combine weight of each row (router_dtype, differentiable).
+        counts_E: int64 [E], kept rows per expert.
+        num_assignments: routed copies before drops (G·S·K for token choice).
+    """
+
+    num_experts: int
+    num_groups: int
+    tokens_per_group: int
+    capacity: int | None
+    token_N: Tensor
+    expert_N: Tensor
+    group_N: Tensor
+    slot_N: Tensor
+    gate_N: Tensor
+    counts_E: Tensor
+    num_assignments: int
+
+    @property
+    def num_kept(self) -> int:
+        """Rows kept after capacity drops."""
+        return int(self.token_N.shape[0])
+
+
+def _priority_order(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
+                    drop_policy: str) -> Tensor:
+    """[G, S*K] flat (s*K + k) indices of each group's assignments, highest priority first.
+
+    "position": all first choices in token order, then all second choices, ...;
+    "probs": highest router probability first (ties in position order).
+    """
+    G, S, K = idx_GSK.shape
+    s_S, k_K = torch.arange(S, device=idx_GSK.device), torch.arange(K, device=idx_GSK.device)
+    position_M = (s_S[None, :] * K + k_K[:, None]).reshape(-1)  # [K*S]: k-major, then token
+    order_GM = position_M.expand(G, -1)
+    if drop_policy == "probs":
+        chosen_GSK = torch.gather(probs_GSE, 2, idx_GSK)
+        chosen_GM = chosen_GSK.reshape(G, S * K).gather(1, order_GM)
+        by_prob_GM = torch.sort(chosen_GM, dim=1, descending=True, stable=True).indices
+        order_GM = order_GM.gather(1, by_prob_GM)
+    return order_GM
+
+
+def slot_positions(expert_M: Tensor, group_M: Tensor, num_experts: int,
+                   num_groups: int) -> tuple[Tensor, Tensor]:
+    """Sorts assignments (given in priority order) by (expert, group) and numbers them in each block.
+
+    Returns:
+        order_M: permutation putting assignments in (expert, group, priority) order.
+        slot_M: each sorted assignment's position inside its (expert, group) block.
+    """
+    key_M = expert_M * num_groups + group_M
+    key_sorted_M, order_M = torch.sort(key_M, stable=True)
+    block_counts = torch.bincount(key_M, minlength=num_experts * num_groups)
+    block_start = torch.cumsum(block_counts, 0) - block_counts
+    slot_M = torch.arange(key_M.shape[0], device=key_M.device) - block_start[key_sorted_M]
+    return order_M, slot_M
+
+
+def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
+                      capacity: int | None, drop_policy: str) -> RoutingPlan:
+    """Plan for top-k routing: each token's K choices, slots by drop_policy, drops beyond C.
+
+    Args:
+        idx_GSK: chosen experts; gates_GSK: their gate weights; probs_GSE: router probabilities.
+        capacity: C, or None for dropless.
+        drop_policy: "position" or "probs".
+    """
+    G, S, K = idx_GSK.shape
+    E = probs_GSE.shape[-1]
+    device = idx_GSK.device
+    # 1. Every group's assignments in priority order, flattened over groups.
+    order_GM = _priority_order(idx_GSK, gates_GSK, probs_GSE, drop_policy)
+    flat_GM = order_GM + torch.arange(G, device=device)[:, None] * (S * K)
+    flat_M = flat_GM.reshape(-1)
+    expert_M = idx_GSK.reshape(-1)[flat_M]
+    group_M = flat_M // (S * K)
+    # 2. Sort by (expert, group), stable so priority order survives inside each block.
+    order_M, slot_M = slot_positions(expert_M, group_M, E, G)
+    sorted_M = flat_M[order_M]
+    # 3. Keep what fits.  NOTE: host-device sync (boolean mask sizes the kept rows).
+    if capacity is not None:
+        keep_M = slot_M < capacity
+        sorted_M, slot_M = sorted_M[keep_M], slot_M[keep_M]
+    expert_N = idx_GSK.reshape(-1)[sorted_M]
+    return RoutingPlan(
+        num_experts=E, num_groups=G, tokens_per_group=S, capacity=capacity,
+        token_N=sorted_M // K, expert_N=expert_N, group_N=sorted_M // (S * K), slot_N=slot_M,
+        gate_N=gates_GSK.reshape(-1)[sorted_M],
+        counts_E=torch.bincount(expert_N, minlength=E), num_assignments=G * S * K)

@@ -1,0 +1,111 @@
+"""A deliberately plain, slow oracle that follows API.md literally: loops over groups, tokens, choices.
+
+It reads the parameters of an ``ep.MoE`` and recomputes the layer with Python loops and per-token
+vector operations, sharing no code with the package beyond torch itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_forward(moe, e: int, x_D: torch.Tensor) -> torch.Tensor:
+    """Expert e on one token vector, straight from the formulas of API.md."""
+    ex = moe.experts
+    act = moe.cfg.activation
+    h = x_D @ ex.w_in[e] + (ex.b_in[e] if moe.cfg.bias else 0)
+    if act in ("swiglu", "geglu"):
+        g = x_D @ ex.w_gate[e] + (ex.b_gate[e] if moe.cfg.bias else 0)
+        g = F.silu(g) if act == "swiglu" else 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+        h = g * h
+    elif act == "relu":
+        h = torch.clamp(h, min=0)
+    else:
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return h @ ex.w_out[e] + (ex.b_out[e] if moe.cfg.bias else 0)
+
+
+def oracle_group_size(cfg, B: int, L: int) -> int:
+    if cfg.group_size is not None:
+        return cfg.group_size
+    if cfg.examples_per_group is not None:
+        return round(cfg.examples_per_group * L)
+    return B * L
+
+
+def oracle_capacity(cfg, S: int, training: bool):
+    if cfg.expert_capacity is not None:
+        return cfg.expert_capacity
+    factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
+    if factor is None:
+        return None
+    return max(cfg.min_capacity, math.ceil(round(factor * S * cfg.top_k / cfg.num_experts, 9)))
+
+
+def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, jitter_GSD=None):
+    """Returns (y_BLD, aux dict) of top-k / noisy top-k routing computed with loops.
+
+    noise_GSE: the standard normal draws of noisy_topk (training only); jitter_GSD: the uniform
+    multipliers of router_jitter (training only).
+    """
+    cfg = moe.cfg
+    B, L, D = x_BLD.shape
+    E, K = cfg.num_experts, cfg.top_k
+    S = oracle_group_size(cfg, B, L)
+    G = B * L // S
+    C = oracle_capacity(cfg, S, training)
+    x_TD = x_BLD.reshape(B * L, D)
+    W = moe.router.weight.to(cfg.router_dtype)
+    outputs = []
+    balance, zs, ents, counts, dropped = [], [], [], [0] * E, 0
+    for g in range(G):
+        xs = x_TD[g * S:(g + 1) * S]
+        xr = xs.to(cfg.router_dtype)
+        if jitter_GSD is not None:
+            xr = xr * jitter_GSD[g]
+        logits = xr @ W.T
+        if noise_GSE is not None:
+            std = F.softplus(xr @ moe.router.noise.weight.to(cfg.router_dtype).T)
+            logits = logits + noise_GSE[g] * std
+        probs = torch.softmax(logits, -1)
+        choices = []  # choices[s] = list of (expert, gate)
+        for s in range(S):
+            order = sorted(range(E), key=lambda e, s=s: -probs[s, e].item())[:K]
+            gates = [probs[s, e] for e in order]
+            if cfg.normalize_topk:
+                total = sum(gates)
+                gates = [gt / total for gt in gates]
+            choices.append(list(zip(order, gates, strict=True)))
+        priority = [(s, k) for k in range(K) for s in range(S)]
+        if cfg.drop_policy == "probs":
+            priority = sorted(priority, key=lambda sk: -probs[sk[0], choices[sk[0]][sk[1]][0]].item())
+        fill = [0] * E
+        y_rows = [torch.zeros(D, dtype=x_BLD.dtype) for _ in range(S)]
+        for s, k in priority:
+            e, gate = choices[s][k]
+            if C is None or fill[e] < C:
+                fill[e] += 1
+                y_rows[s] = y_rows[s] + gate.to(x_BLD.dtype) * expert_forward(moe, e, xs[s])
+            else:
+                dropped += 1
+        for e in range(E):
+            counts[e] += fill[e]
+        outputs.extend(y_rows)
+        f = [sum(1 for s in range(S) for e2, _ in choices[s] if e2 == e) / (S * K)
+             for e in range(E)]
+        P = probs.mean(0)
+        balance.append(E * sum(f[e] * P[e] for e in range(E)))
+        zs.extend(torch.logsumexp(logits[s], 0) ** 2 for s in range(S))
+        ents.extend(-(probs[s] * torch.log(probs[s])).sum() for s in range(S))
+    aux = {
+        "load_balance_loss": sum(balance) / G,
+        "z_loss": sum(zs) / len(zs),
+        "router_entropy": sum(ents) / len(ents),
+        "dropped_fraction": dropped / (G * S * K),
+        "expert_counts": torch.tensor(counts),
+    }
+    aux["loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.z_loss_coef * aux["z_loss"]
+    return torch.stack(outputs).reshape(B, L, D), aux

@@ -1,0 +1,86 @@
+"""Plan, dispatch and combine: slots respect capacity; the round trip is the identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_parallel.dispatch import LocalDispatcher
+from expert_parallel.plan import token_choice_plan
+from expert_parallel.routing import topk_from_logits
+
+
+def random_plan(G: int, S: int, E: int, K: int, capacity: int | None, policy: str = "position",
+                unit_gates: bool = False):
+    logits = torch.randn(G, S, E, requires_grad=True)
+    gates, idx, probs = topk_from_logits(logits, K, normalize=True)
+    if unit_gates:
+        gates = torch.ones_like(gates)
+    return token_choice_plan(idx, gates, probs, capacity, policy), idx
+
+
+@pytest.mark.parametrize("capacity", [None, 1, 3, 100])
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_plan_invariants(capacity: int | None, policy: str) -> None:
+    torch.manual_seed(0)
+    G, S, E, K = 3, 16, 5, 2
+    plan, idx = random_plan(G, S, E, K, capacity, policy)
+    # sorted by (expert, group, slot), slots numbered 0.. inside each block, never beyond C
+    key = (plan.expert_N * G + plan.group_N) * (S * K) + plan.slot_N
+    assert torch.all(key[1:] > key[:-1])
+    for e in range(E):
+        for g in range(G):
+            block = plan.slot_N[(plan.expert_N == e) & (plan.group_N == g)]
+            assert torch.equal(block, torch.arange(block.numel()))
+            if capacity is not None:
+                assert block.numel() <= capacity
+    # rows really are the (token, expert) choices of the router, each at most once
+    pairs = set(zip(plan.token_N.tolist(), plan.expert_N.tolist(), strict=True))
+    assert len(pairs) == plan.num_kept
+    chosen = idx.reshape(G * S, K)
+    assert all(e in chosen[t].tolist() for t, e in pairs)
+    assert plan.group_N.tolist() == [t // S for t in plan.token_N.tolist()]
+    assert torch.equal(plan.counts_E, torch.bincount(plan.expert_N, minlength=E))
+    if capacity is None or capacity >= S:
+        assert plan.num_kept == G * S * K
+
+
+def test_dispatch_combine_round_trip_is_identity_with_gradient() -> None:
+    """Dropless, K=1, unit gates: combine(dispatch(x)) == x and the gradient passes unchanged."""
+    torch.manual_seed(1)
+    T, D = 24, 6
+    plan, _ = random_plan(2, T // 2, 4, 1, None, unit_gates=True)
+    x = torch.randn(T, D, requires_grad=True)
+    d = LocalDispatcher()
+    dispatched = d.dispatch(x, plan)
+    assert torch.equal(dispatched.counts_e, plan.counts_E)
+    y = d.combine(dispatched.x_nD, dispatched, T)
+    assert torch.equal(y, x)
+    w = torch.randn(T, D)
+    (g,) = torch.autograd.grad((y * w).sum(), x)
+    assert torch.equal(g, w)
+
+
+def test_round_trip_with_k_copies_sums_k_times() -> None:
+    torch.manual_seed(2)
+    T, D, K = 12, 4, 3
+    plan, _ = random_plan(1, T, 5, K, None, unit_gates=True)
+    x = torch.randn(T, D)
+    d = LocalDispatcher()
+    dispatched = d.dispatch(x, plan)
+    torch.testing.assert_close(d.combine(dispatched.x_nD, dispatched, T), K * x)
+
+
+def test_dropped_tokens_get_zero() -> None:
+    torch.manual_seed(3)
+    T, D = 16, 4
+    plan, _ = random_plan(1, T, 4, 1, 1, unit_gates=True)  # at most one token per expert
+    x = torch.randn(T, D)
+    d = LocalDispatcher()
+    dispatched = d.dispatch(x, plan)
+    y = d.combine(dispatched.x_nD, dispatched, T)
+    kept = torch.zeros(T, dtype=torch.bool)
+    kept[plan.token_N] = True
+    assert plan.num_kept <= 4
+    torch.testing.assert_close(y[kept], x[kept])
+    assert torch.all(y[~kept] == 0)

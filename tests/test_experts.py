@@ -1,0 +1,89 @@
+"""Experts and FeedForward: one expert equals the dense FFN; layout-independent initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expert_parallel as ep
+from expert_parallel.experts import GroupedExperts
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_expert_equals_feedforward(activation: str, bias: bool) -> None:
+    """E=1, K=1, capacity >= tokens: the MoE is exactly the dense FFN (outputs and gradients)."""
+    torch.manual_seed(0)
+    D, F = 8, 16
+    ffn = ep.FeedForward(D, F, activation=activation, bias=bias)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_()
+    moe = ep.MoE(ep.MoEConfig(d_model=D, d_ff=F, num_experts=1, top_k=1, capacity_factor=1.0,
+                              activation=activation, bias=bias))
+    moe.load_state_dict({"router.weight": moe.router.weight.detach(),
+                         **{f"experts.{k}": v[None] for k, v in ffn.state_dict().items()}})
+    x = torch.randn(3, 5, D)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_moe, aux = moe(x1)
+    y_ffn = ffn(x2)
+    torch.testing.assert_close(y_moe, y_ffn)
+    assert aux.dropped_fraction == 0
+    w = torch.randn_like(y_ffn)
+    (y_moe * w).sum().backward()
+    (y_ffn * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for name, p in ffn.named_parameters():
+        torch.testing.assert_close(getattr(moe.experts, name).grad[0], p.grad, msg=name)
+
+
+def test_feedforward_dropout_and_shape_error() -> None:
+    ffn = ep.FeedForward(8, 16, dropout=0.5)
+    x = torch.randn(4, 16, 8)
+    assert (ffn.train()(x) == 0).float().mean() > 0.3
+    assert (ffn.eval()(x) != 0).all()
+    with pytest.raises(ValueError, match="d_model"):
+        ffn(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="activation"):
+        ep.FeedForward(8, 16, activation="tanh")
+
+
+def test_initialisation_is_layout_independent() -> None:
+    cfg = ep.MoEConfig(d_model=8, d_ff=16, num_experts=8, activation="swiglu", bias=True)
+    full = GroupedExperts(cfg, base_seed=1234)
+    for first, count in [(0, 4), (4, 4), (2, 2), (6, 2), (7, 1)]:
+        part = GroupedExperts(cfg, base_seed=1234, num_local=count, first=first)
+        for name, p in part.named_parameters():
+            assert torch.equal(p, getattr(full, name)[first:first + count]), (name, first)
+
+
+def test_same_seed_same_layer_and_consecutive_layers_differ() -> None:
+    cfg = ep.MoEConfig(d_model=8, d_ff=16, num_experts=4)
+    torch.manual_seed(7)
+    a1, a2 = ep.MoE(cfg), ep.MoE(cfg)
+    torch.manual_seed(7)
+    b1 = ep.MoE(cfg)
+    for (name, p), q in zip(a1.state_dict().items(), b1.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a1.experts.w_in, a2.experts.w_in)
+    assert not torch.equal(a1.router.weight, a2.router.weight)
+    # experts differ from one another
+    assert not torch.equal(a1.experts.w_in[0], a1.experts.w_in[1])
+
+
+def test_state_dict_keys_and_shapes() -> None:
+    E, D, F = 4, 8, 16
+    cfg = ep.MoEConfig(d_model=D, d_ff=F, num_experts=E, router="noisy_topk",
+                       activation="geglu", bias=True)
+    shapes = {k: tuple(v.shape) for k, v in ep.MoE(cfg).state_dict().items()}
+    assert shapes == {
+        "router.weight": (E, D), "router.noise.weight": (E, D),
+        "experts.w_in": (E, D, F), "experts.w_gate": (E, D, F), "experts.w_out": (E, F, D),
+        "experts.b_in": (E, F), "experts.b_gate": (E, F), "experts.b_out": (E, D),
+    }
+    plain = ep.MoE(cfg.replace(router="topk", activation="relu", bias=False)).state_dict()
+    assert set(plain) == {"router.weight", "experts.w_in", "experts.w_out"}
+    dense = ep.FeedForward(D, F, activation="swiglu", bias=True).state_dict()
+    assert {k: tuple(v.shape) for k, v in dense.items()} == {
+        "w_in": (D, F), "w_gate": (D, F), "w_out": (F, D), "b_in": (F,), "b_gate": (F,),
+        "b_out": (D,)}

@@ -1,0 +1,183 @@
+"""MoE (single device) against the plain oracle: outputs, every MoEAux field, all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import expert_parallel as ep
+from tests.oracle import oracle_topk_moe
+
+BASE = dict(d_model=8, d_ff=12, num_experts=4, top_k=2, min_capacity=1)
+
+CASES = {
+    # name: (config overrides, (B, L), training)
+    "switch_k1_drops": (dict(top_k=1, capacity_factor=0.5), (2, 8), True),
+    "k2_position_drops": (dict(capacity_factor=0.75), (2, 8), True),
+    "k2_probs_drops": (dict(capacity_factor=0.75, drop_policy="probs"), (2, 8), True),
+    "k3_drops": (dict(top_k=3, capacity_factor=0.5, num_experts=5), (1, 10), True),
+    "k2_dropless": (dict(capacity_factor=None), (2, 8), True),
+    "k1_dropless_relu": (dict(top_k=1, capacity_factor=None, activation="relu"), (3, 4), True),
+    "swiglu_groups": (dict(activation="swiglu", group_size=4, capacity_factor=1.0), (2, 8), True),
+    "geglu_bias": (dict(activation="geglu", bias=True, capacity_factor=1.0), (2, 6), True),
+    "relu_bias_probs": (dict(activation="relu", bias=True, drop_policy="probs",
+                             capacity_factor=0.5), (2, 6), True),
+    "examples_per_group_half": (dict(examples_per_group=0.5, capacity_factor=0.6), (2, 8), True),
+    "examples_per_group_two": (dict(examples_per_group=2, capacity_factor=0.6), (4, 3), True),
+    "eval_capacity": (dict(capacity_factor=0.5, eval_capacity_factor=1.0), (2, 8), False),
+    "eval_dropless": (dict(capacity_factor=0.5, eval_capacity_factor=None), (2, 8), False),
+    "expert_capacity": (dict(expert_capacity=2, top_k=1), (2, 8), True),
+    "min_capacity": (dict(capacity_factor=0.1, min_capacity=3), (2, 8), True),
+    "unnormalized": (dict(normalize_topk=False, capacity_factor=0.75), (2, 8), True),
+    "noisy_eval": (dict(router="noisy_topk", capacity_factor=0.75), (2, 8), False),
+    "k4_eq_E": (dict(top_k=4, capacity_factor=None), (1, 5), True),
+}
+
+
+def build(overrides: dict, seed: int = 0) -> ep.MoE:
+    torch.manual_seed(seed)
+    moe = ep.MoE(ep.MoEConfig(**{**BASE, **overrides}))
+    with torch.no_grad():  # non-zero biases, so that the test sees them
+        for name, p in moe.named_parameters():
+            if ".b_" in name:
+                p.normal_()
+    return moe
+
+
+def assert_matches_oracle(moe: ep.MoE, x: torch.Tensor, training: bool, **oracle_kwargs) -> None:
+    moe.train(training)
+    x1 = x.clone().requires_grad_()
+    y, aux = moe(x1)
+    x2 = x.clone().requires_grad_()
+    y_ref, aux_ref = oracle_topk_moe(moe, x2, training, **oracle_kwargs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for field in ("load_balance_loss", "z_loss", "router_entropy", "loss", "dropped_fraction"):
+        torch.testing.assert_close(getattr(aux, field).double(),
+                                   torch.as_tensor(aux_ref[field]).double(), rtol=1e-5, atol=1e-7,
+                                   msg=field)
+    assert torch.equal(aux.expert_counts, aux_ref["expert_counts"])
+    # Gradients of the input and of every parameter, through outputs and aux loss.
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum() + aux.loss, [x1, *moe.parameters()],
+                                allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * w).sum() + aux_ref["loss"], [x2, *moe.parameters()],
+                                    allow_unused=True)
+    names = ["input", *(n for n, _ in moe.named_parameters())]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        if g_ref is None:
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_oracle(name: str) -> None:
+    overrides, (B, L), training = CASES[name]
+    moe = build(overrides)
+    x = torch.randn(B, L, BASE["d_model"])
+    assert_matches_oracle(moe, x, training)
+
+
+def test_cases_exercise_drops() -> None:
+    """The drop cases above really drop something (else they would test nothing)."""
+    for name in ("switch_k1_drops", "k2_position_drops", "k2_probs_drops", "k3_drops"):
+        overrides, (B, L), training = CASES[name]
+        moe = build(overrides).train(training)
+        _, aux = moe(torch.randn(B, L, BASE["d_model"]))
+        assert 0 < aux.dropped_fraction < 1, name
+
+
+def test_drop_policies_differ() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, BASE["d_model"])
+    ys = [build(dict(capacity_factor=0.5, drop_policy=p))(x)[0] for p in ("position", "probs")]
+    assert not torch.allclose(ys[0], ys[1])
+
+
+def test_noisy_topk_training_matches_oracle_with_same_noise() -> None:
+    moe = build(dict(router="noisy_topk", capacity_factor=0.75, router_jitter=0.1))
+    with torch.no_grad():
+        moe.router.noise.weight.normal_()
+    x = torch.randn(2, 8, BASE["d_model"])
+    torch.manual_seed(123)
+    jitter = torch.empty(1, 16, BASE["d_model"]).uniform_(0.9, 1.1)
+    noise = torch.randn(1, 16, BASE["num_experts"])
+    torch.manual_seed(123)  # the layer draws jitter, then noise, in this order
+    assert_matches_oracle(moe, x, True, noise_GSE=noise, jitter_GSD=jitter)
+
+
+def test_noisy_topk_eval_is_deterministic_and_training_is_not() -> None:
+    moe = build(dict(router="noisy_topk", capacity_factor=None))
+    x = torch.randn(4, 8, BASE["d_model"])
+    moe.eval()
+    assert torch.equal(moe(x)[0], moe(x)[0])
+    moe.train()
+    assert not torch.equal(moe(x)[0], moe(x)[0])
+
+
+def test_jitter_only_in_training() -> None:
+    moe = build(dict(router_jitter=0.3, capacity_factor=None))
+    x = torch.randn(2, 8, BASE["d_model"])
+    moe.eval()
+    assert torch.equal(moe(x)[0], moe(x)[0])
+    moe.train()
+    assert not torch.equal(moe(x)[0], moe(x)[0])
+
+
+def test_dropout_on_output_in_training_only() -> None:
+    moe = build(dict(dropout=0.5, capacity_factor=None))
+    x = torch.randn(4, 8, BASE["d_model"])
+    moe.train()
+    y, _ = moe(x)
+    zero_fraction = (y == 0).float().mean().item()
+    assert 0.3 < zero_fraction < 0.7
+    moe.eval()
+    assert (moe(x)[0] != 0).all()
+
+
+def test_train_and_eval_capacity_differ() -> None:
+    moe = build(dict(capacity_factor=0.5, eval_capacity_factor=2.0))
+    x = torch.randn(2, 8, BASE["d_model"])
+    assert moe.train()(x)[1].dropped_fraction > 0
+    assert moe.eval()(x)[1].dropped_fraction == 0
+
+
+def test_bfloat16_output_dtype_and_float32_routing() -> None:
+    moe = build(dict(dtype="bfloat16", capacity_factor=None))
+    x = torch.randn(2, 8, BASE["d_model"], dtype=torch.bfloat16)
+    y, aux = moe(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert aux.z_loss.dtype == torch.float32
+    ref = build(dict(capacity_factor=None))
+    ref.load_state_dict({k: v.float() for k, v in moe.state_dict().items()})
+    torch.testing.assert_close(y.float(), ref(x.float())[0], rtol=0.05, atol=0.05)
+
+
+def test_balanced_load_balance_loss_is_one() -> None:
+    moe = build(dict(capacity_factor=None))
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities
+    _, aux = moe(torch.randn(2, 8, BASE["d_model"]))
+    # every expert P_e = 1/E; f sums to 1 over experts, so E * sum f_e / E = 1 exactly
+    torch.testing.assert_close(aux.load_balance_loss, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("shape", [(2, 8), (8,), (2, 8, 5), (1, 2, 8, 8)])
+def test_bad_input_shape(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="d_model"):
+        build({})(torch.randn(*shape))
+
+
+def test_bad_input_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        build({})(torch.randn(2, 8, BASE["d_model"], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("overrides, B, L, field", [
+    (dict(group_size=5), 2, 8, "group_size"),
+    (dict(examples_per_group=0.3), 2, 8, "examples_per_group"),
+    (dict(examples_per_group=3), 2, 8, "examples_per_group"),
+])
+def test_groups_that_do_not_divide(overrides: dict, B: int, L: int, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        build(overrides)(torch.randn(B, L, BASE["d_model"]))
