@@ -11,9 +11,20 @@ from .config import MoEConfig
 from .experts import FeedForward
 from .layer import MoE
 from .losses import MoEAux
-from .routing import NoisyTopKRouter, TopKOutput, TopKRouter
+from .routing import (
+    ExpertChoiceOutput,
+    ExpertChoiceRouter,
+    NoisyTopKRouter,
+    Router,
+    SoftOutput,
+    SoftRouter,
+    TopKOutput,
+    TopKRouter,
+    check_causal_routing,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["FeedForward", "MoE", "MoEAux", "MoEConfig", "NoisyTopKRouter", "TopKOutput",
-           "TopKRouter", "__version__"]
+__all__ = ["ExpertChoiceOutput", "ExpertChoiceRouter", "FeedForward", "MoE", "MoEAux", "MoEConfig",
+           "NoisyTopKRouter", "Router", "SoftOutput", "SoftRouter", "TopKOutput", "TopKRouter",
+           "__version__", "check_causal_routing"]

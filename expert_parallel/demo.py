@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", default="topk")
     parser.add_argument("--capacity-factor", type=_factor, default=1.25,
                         help="a positive number, or 'none' for dropless")
+    parser.add_argument("--slots-per-expert", type=int, default=1, help="soft router only")
     parser.add_argument("--activation", default="gelu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> float:
     torch.manual_seed(args.seed)
     cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts,
                     top_k=args.top_k, router=args.router, capacity_factor=args.capacity_factor,
-                    activation=args.activation)
+                    slots_per_expert=args.slots_per_expert, activation=args.activation)
     moe = MoE(cfg)
     teacher = FeedForward(cfg.d_model, 4 * cfg.d_ff, activation="relu").requires_grad_(False)
     optimizer = torch.optim.AdamW(moe.parameters(), lr=args.lr)

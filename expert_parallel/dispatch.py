@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from .plan import RoutingPlan
@@ -45,12 +46,31 @@ class Dispatcher(Protocol):
 
 
 def gather_rows(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
-    """x_ND: one row per kept routed copy, in plan order (expert, group, slot)."""
+    """x_ND: one row per kept routed copy (or soft slot), in plan order (expert, group, slot)."""
+    if plan.soft is not None:
+        return _soft_slots(x_TD, plan)
     return x_TD.index_select(0, plan.token_N)
 
 
+def _soft_slots(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
+    """Soft MoE slots: every slot a dispatch-weighted mix of its group's tokens, rows (e, g, p)."""
+    assert plan.soft is not None
+    G, S, E = plan.num_groups, plan.tokens_per_group, plan.num_experts
+    dispatch_GSn = plan.soft.dispatch_GSn.to(x_TD.dtype)
+    slots_GnD = torch.einsum("gsn,gsd->gnd", dispatch_GSn, x_TD.reshape(G, S, -1))
+    return slots_GnD.reshape(G, E, -1, x_TD.shape[-1]).transpose(0, 1).reshape(-1, x_TD.shape[-1])
+
+
 def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
-    """y_TD = sum of gate_N * y_ND over the rows of each token (index_add; dropped copies add 0)."""
+    """y_TD = sum of gate_N * y_ND over the rows of each token (index_add; dropped copies add 0).
+
+    Soft MoE: y_s = sum over the group's slots j of combine[s, j] * y_j.
+    """
+    if plan.soft is not None:
+        G, E, D = plan.num_groups, plan.num_experts, y_ND.shape[-1]
+        y_GnD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
+        combine_GSn = plan.soft.combine_GSn.to(y_ND.dtype)
+        return torch.einsum("gsn,gnd->gsd", combine_GSn, y_GnD).reshape(num_tokens, D)
     weighted_ND = y_ND * plan.gate_N.to(y_ND.dtype)[:, None]
     out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
     return out_TD.index_add(0, plan.token_N, weighted_ND)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher
 from .experts import GroupedExperts, draw_base_seed
-from .losses import MoEAux, load_balance_loss, make_aux, router_entropy, z_loss
-from .plan import RoutingPlan, token_choice_plan
-from .routing import capacity, group_size, make_router, topk_from_logits
+from .losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
+from .plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
+from .routing import (
+    capacity,
+    expert_choice_from_logits,
+    group_size,
+    make_router,
+    soft_from_logits,
+    topk_from_logits,
+)
 
 
 class MoE(nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer.
 
-    State-dict keys: ``router.weight`` [E, D], ``router.noise.weight`` [E, D] (noisy_topk),
+    State-dict keys: ``router.weight`` [E, D] ([E·slots_per_expert, D] for soft),
+    ``router.noise.weight`` [E, D] (noisy_topk),
     ``experts.w_in`` [E, D, F], ``experts.w_gate`` [E, D, F] (swiglu / geglu),
     ``experts.w_out`` [E, F, D], and with ``bias`` ``experts.b_in`` / ``b_gate`` [E, F],
     ``experts.b_out`` [E, D].
@@ -46,6 +53,8 @@ class MoE(nn.Module):
         """
         self._check_input(x_BLD)
         B, L, D = x_BLD.shape
+        if B * L == 0:
+            return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)
         x_TD = x_BLD.reshape(B * L, D)
         logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
@@ -56,15 +65,23 @@ class MoE(nn.Module):
         return self.dropout(y_TD.reshape(B, L, D)), aux
 
     def _route(self, logits_GSE: Tensor) -> tuple[RoutingPlan, MoEAux]:
-        """The routing plan and the aux losses from the router logits."""
+        """The routing plan and the aux losses from the router logits ([G, S, E·P] for soft)."""
         cfg = self.cfg
-        routed = topk_from_logits(logits_GSE, cfg.top_k, cfg.normalize_topk)
-        C = capacity(cfg, logits_GSE.shape[1], self.training)
-        plan = token_choice_plan(routed.indices, routed.gates, routed.probs, C, cfg.drop_policy)
-        dropped = torch.tensor(1.0 - plan.num_kept / max(plan.num_assignments, 1))
-        aux = make_aux(balance=load_balance_loss(routed.indices, routed.probs),
-                       zloss=z_loss(logits_GSE), entropy=router_entropy(logits_GSE),
-                       dropped=dropped, counts_E=plan.counts_E,
+        S = logits_GSE.shape[1]
+        balance = logits_GSE.new_zeros(())  # expert choice and soft need no balance loss
+        if cfg.token_choice:
+            routed = topk_from_logits(logits_GSE, cfg.top_k, cfg.normalize_topk)
+            plan = token_choice_plan(routed.indices, routed.gates, routed.probs,
+                                     capacity(cfg, S, self.training), cfg.drop_policy)
+            balance = load_balance_loss(routed.indices, routed.probs)
+        elif cfg.router == "expert_choice":
+            chosen = expert_choice_from_logits(logits_GSE, capacity(cfg, S, self.training) or S)
+            plan = expert_choice_plan(chosen.token_indices, chosen.weights, S)
+        else:
+            soft = soft_from_logits(logits_GSE)
+            plan = soft_plan(soft.dispatch, soft.combine, cfg.num_experts)
+        aux = make_aux(balance=balance, zloss=z_loss(logits_GSE), entropy=router_entropy(logits_GSE),
+                       dropped=plan.dropped_fraction, counts_E=plan.counts_E,
                        balance_coef=cfg.load_balance_coef, z_coef=cfg.z_loss_coef)
         return plan, aux
 

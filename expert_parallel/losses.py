@@ -61,3 +61,11 @@ def make_aux(*, balance: Tensor, zloss: Tensor, entropy: Tensor, dropped: Tensor
     return MoEAux(loss=balance_coef * balance + z_coef * zloss, load_balance_loss=balance,
                   z_loss=zloss, router_entropy=entropy, dropped_fraction=dropped,
                   expert_counts=counts_E)
+
+
+def empty_aux(num_experts: int, device: torch.device) -> MoEAux:
+    """MoEAux of a call with no tokens: zero losses, nothing dropped, zero counts."""
+    zero = torch.zeros((), device=device)
+    return MoEAux(loss=zero, load_balance_loss=zero, z_loss=zero, router_entropy=zero,
+                  dropped_fraction=zero, expert_counts=torch.zeros(num_experts, dtype=torch.int64,
+                                                                   device=device))

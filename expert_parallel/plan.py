@@ -16,6 +16,19 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class SoftMix:
+    """Soft MoE weights: rows are slot mixes of the group's tokens instead of token copies.
+
+    Attributes:
+        dispatch_GSn: softmax over tokens; slot j of group g = sum_s dispatch[g, s, j] * x_s.
+        combine_GSn: softmax over slots; y_s = sum_j combine[g, s, j] * out_j.
+    """
+
+    dispatch_GSn: Tensor
+    combine_GSn: Tensor
+
+
+@dataclass(frozen=True)
 class RoutingPlan:
     """Kept routed rows sorted by (expert, group, slot); produced by a router, consumed by dispatch.
 
@@ -30,7 +43,10 @@ class RoutingPlan:
         slot_N: position of the row inside its (expert, group) block, < C.
         gate_N: combine weight of each row (router_dtype, differentiable).
         counts_E: int64 [E], kept rows per expert.
-        num_assignments: routed copies before drops (G·S·K for token choice).
+        dropped_fraction: float scalar tensor: dropped assignments / assignments (token choice),
+            tokens taken by no expert / tokens (expert choice), 0 (soft).
+        soft: the slot mixing weights of Soft MoE; None for the index-based routers, whose rows
+            are copies of token_N weighted by gate_N (token_N and gate_N are empty for soft).
     """
 
     num_experts: int
@@ -43,7 +59,8 @@ class RoutingPlan:
     slot_N: Tensor
     gate_N: Tensor
     counts_E: Tensor
-    num_assignments: int
+    dropped_fraction: Tensor
+    soft: SoftMix | None = None
 
     @property
     def num_kept(self) -> int:
@@ -115,5 +132,46 @@ def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
     return RoutingPlan(
         num_experts=E, num_groups=G, tokens_per_group=S, capacity=capacity,
         token_N=sorted_M // K, expert_N=expert_N, group_N=sorted_M // (S * K), slot_N=slot_M,
-        gate_N=gates_GSK.reshape(-1)[sorted_M],
-        counts_E=torch.bincount(expert_N, minlength=E), num_assignments=G * S * K)
+        gate_N=gates_GSK.reshape(-1)[sorted_M], counts_E=torch.bincount(expert_N, minlength=E),
+        dropped_fraction=torch.tensor(1.0 - sorted_M.shape[0] / max(G * S * K, 1)))
+
+
+def _full_slots(E: int, G: int, C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """expert_N, group_N, slot_N of E·G·C rows that fill every slot, in (expert, group, slot) order."""
+    shape = (E, G, C)
+    expert_N = torch.arange(E, device=device)[:, None, None].expand(shape).reshape(-1)
+    group_N = torch.arange(G, device=device)[None, :, None].expand(shape).reshape(-1)
+    slot_N = torch.arange(C, device=device)[None, None, :].expand(shape).reshape(-1)
+    return expert_N, group_N, slot_N
+
+
+def expert_choice_plan(tokens_GEC: Tensor, weights_GEC: Tensor, tokens_per_group: int) -> RoutingPlan:
+    """Plan for expert-choice routing: expert e's slot c of group g holds token tokens_GEC[g, e, c].
+
+    Every slot is full; a token may be taken by several experts or by none (counted as dropped).
+    """
+    G, E, C = tokens_GEC.shape
+    S = tokens_per_group
+    expert_N, group_N, slot_N = _full_slots(E, G, C, tokens_GEC.device)
+    token_N = (tokens_GEC + torch.arange(G, device=tokens_GEC.device)[:, None, None] * S)
+    token_N = token_N.permute(1, 0, 2).reshape(-1)
+    taken_T = torch.bincount(token_N, minlength=G * S) > 0
+    return RoutingPlan(
+        num_experts=E, num_groups=G, tokens_per_group=S, capacity=C, token_N=token_N,
+        expert_N=expert_N, group_N=group_N, slot_N=slot_N,
+        gate_N=weights_GEC.permute(1, 0, 2).reshape(-1),
+        counts_E=torch.full((E,), G * C, dtype=torch.int64, device=tokens_GEC.device),
+        dropped_fraction=1.0 - taken_T.float().mean())
+
+
+def soft_plan(dispatch_GSn: Tensor, combine_GSn: Tensor, num_experts: int) -> RoutingPlan:
+    """Plan for Soft MoE: n = E·P slots per group, P = slots per expert, every slot full."""
+    G, S, n = dispatch_GSn.shape
+    P = n // num_experts
+    expert_N, group_N, slot_N = _full_slots(num_experts, G, P, dispatch_GSn.device)
+    empty = torch.empty(0, dtype=torch.int64, device=dispatch_GSn.device)
+    return RoutingPlan(
+        num_experts=num_experts, num_groups=G, tokens_per_group=S, capacity=P, token_N=empty,
+        expert_N=expert_N, group_N=group_N, slot_N=slot_N, gate_N=dispatch_GSn.new_empty(0),
+        counts_E=torch.full((num_experts,), G * P, dtype=torch.int64, device=dispatch_GSn.device),
+        dropped_fraction=torch.tensor(0.0), soft=SoftMix(dispatch_GSn, combine_GSn))

@@ -35,33 +35,20 @@ def topk_from_logits(logits_XE: Tensor, top_k: int, normalize: bool) -> TopKOutp
     return TopKOutput(gates_XK, idx_XK, probs_XE)
 
 
-class TopKRouter(nn.Module):
-    """Softmax top-k router (Switch routing for K=1). ``weight`` is [E, D].
+class Router(nn.Module):
+    """Base of every router: ``weight`` [outputs, D] and the logits, with optional input jitter.
 
-    Called on x [..., D] it returns :class:`TopKOutput` (gates [..., K], indices [..., K],
-    probs [..., E]). In training the router input is multiplied by U(1 - jitter, 1 + jitter).
+    In training the router input is multiplied by U(1 - jitter, 1 + jitter). Logits are computed in
+    ``router_dtype`` whatever the dtype of x or of the weight.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *,
-                 normalize_topk: bool = True, jitter: float = 0.0,
+    def __init__(self, d_model: int, num_outputs: int, *, jitter: float = 0.0,
                  router_dtype: torch.dtype | str = torch.float32,
-                 dtype: torch.dtype | str = torch.float32, num_outputs: int | None = None) -> None:
+                 dtype: torch.dtype | str = torch.float32) -> None:
         super().__init__()
-        # Validation of the shared fields lives in one place: MoEConfig.
-        MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=top_k,
-                  normalize_topk=normalize_topk, router_jitter=jitter)
-        self.num_experts, self.top_k = num_experts, top_k
-        self.normalize_topk, self.jitter = normalize_topk, jitter
+        self.jitter = jitter
         self.router_dtype = to_dtype("router_dtype", router_dtype)
-        rows = num_experts if num_outputs is None else num_outputs
-        self.weight = nn.Parameter(
-            (torch.randn(rows, d_model) * 0.02).to(to_dtype("dtype", dtype)))
-
-    @classmethod
-    def from_config(cls, cfg: MoEConfig) -> TopKRouter:
-        """The router of an MoE layer built from ``cfg``."""
-        return cls(cfg.d_model, cfg.num_experts, cfg.top_k, normalize_topk=cfg.normalize_topk,
-                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype)
+        self.weight = nn.Parameter((torch.randn(num_outputs, d_model) * 0.02).to(to_dtype("dtype", dtype)))
 
     def router_input(self, x_XD: Tensor) -> Tensor:
         """x in router_dtype, multiplied by the jitter noise in training."""
@@ -72,8 +59,32 @@ class TopKRouter(nn.Module):
         return x_XD
 
     def logits(self, x_XD: Tensor) -> Tensor:
-        """Routing logits [..., E] in router_dtype (what the top-k is taken over)."""
+        """Routing logits [..., outputs] in router_dtype."""
         return F.linear(self.router_input(x_XD), self.weight.to(self.router_dtype))
+
+
+class TopKRouter(Router):
+    """Softmax top-k router (Switch routing for K=1). ``weight`` is [E, D].
+
+    Called on x [..., D] it returns :class:`TopKOutput` (gates [..., K], indices [..., K],
+    probs [..., E]). In training the router input is multiplied by U(1 - jitter, 1 + jitter).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *,
+                 normalize_topk: bool = True, jitter: float = 0.0,
+                 router_dtype: torch.dtype | str = torch.float32,
+                 dtype: torch.dtype | str = torch.float32) -> None:
+        # Validation of the shared fields lives in one place: MoEConfig.
+        MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=top_k,
+                  normalize_topk=normalize_topk, router_jitter=jitter)
+        super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype)
+        self.num_experts, self.top_k, self.normalize_topk = num_experts, top_k, normalize_topk
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig) -> TopKRouter:
+        """The router of an MoE layer built from ``cfg``."""
+        return cls(cfg.d_model, cfg.num_experts, cfg.top_k, normalize_topk=cfg.normalize_topk,
+                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype)
 
     def forward(self, x_XD: Tensor) -> TopKOutput:
         """Routes x [..., D]: gates [..., K], indices [..., K], probs [..., E]."""
@@ -99,6 +110,107 @@ class NoisyTopKRouter(TopKRouter):
             std_XE = F.softplus(F.linear(x_XD, self.noise.weight.to(self.router_dtype)))
             logits_XE = logits_XE + torch.randn_like(logits_XE) * std_XE
         return logits_XE
+
+
+class ExpertChoiceOutput(NamedTuple):
+    """What :class:`ExpertChoiceRouter` returns for x [G, S, D] (each leading row a group)."""
+
+    token_indices: Tensor
+    """[G, E, C] int64: the tokens s of the group that expert e takes, highest probability first."""
+    weights: Tensor
+    """[G, E, C] probs[s, e] of those tokens: the combine weights."""
+    probs: Tensor
+    """[G, S, E] the router probabilities (softmax over experts)."""
+
+
+def expert_choice_from_logits(logits_GSE: Tensor, capacity: int) -> ExpertChoiceOutput:
+    """Each expert takes the ``min(capacity, S)`` tokens of the group with the largest probs[:, e]."""
+    probs_GSE = torch.softmax(logits_GSE, dim=-1)
+    taken = min(capacity, probs_GSE.shape[1])
+    weights_GEC, tokens_GEC = torch.topk(probs_GSE.transpose(1, 2), taken, dim=-1)
+    return ExpertChoiceOutput(tokens_GEC, weights_GEC, probs_GSE)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022): every expert takes its top-C tokens of each group.
+
+    ``weight`` is [E, D]. C = max(min_capacity, ceil(capacity_factor * S / E)) (eval_capacity_factor
+    in eval mode, or expert_capacity), capped at S. Called on x [G, S, D], each leading row one group,
+    it returns :class:`ExpertChoiceOutput`.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, *, capacity_factor: float | None = 1.25,
+                 eval_capacity_factor: float | None = 2.0, expert_capacity: int | None = None,
+                 min_capacity: int = 4, jitter: float = 0.0,
+                 router_dtype: torch.dtype | str = torch.float32,
+                 dtype: torch.dtype | str = torch.float32) -> None:
+        self.cfg = MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=1,
+                             router="expert_choice", capacity_factor=capacity_factor,
+                             eval_capacity_factor=eval_capacity_factor, expert_capacity=expert_capacity,
+                             min_capacity=min_capacity, router_jitter=jitter)
+        super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype)
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig) -> ExpertChoiceRouter:
+        """The router of an MoE layer built from ``cfg``."""
+        return cls(cfg.d_model, cfg.num_experts, capacity_factor=cfg.capacity_factor,
+                   eval_capacity_factor=cfg.eval_capacity_factor,
+                   expert_capacity=cfg.expert_capacity, min_capacity=cfg.min_capacity,
+                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype)
+
+    def capacity(self, tokens_per_group: int) -> int:
+        """C for groups of S tokens in the current mode (before the cap at S)."""
+        C = capacity(self.cfg, tokens_per_group, self.training)
+        if C is None:  # unreachable: MoEConfig rejects dropless expert choice
+            raise ValueError("expert_choice routing needs a capacity")
+        return C
+
+    def forward(self, x_GSD: Tensor) -> ExpertChoiceOutput:
+        """Routes groups x [G, S, D]: token indices and weights [G, E, C], probs [G, S, E]."""
+        return expert_choice_from_logits(self.logits(x_GSD), self.capacity(x_GSD.shape[-2]))
+
+
+class SoftOutput(NamedTuple):
+    """What :class:`SoftRouter` returns for x [G, S, D]; n = E * slots_per_expert slots."""
+
+    dispatch: Tensor
+    """[G, S, n] softmax over the group's tokens: slot j = sum_s dispatch[s, j] * x_s."""
+    combine: Tensor
+    """[G, S, n] softmax over the slots: y_s = sum_j combine[s, j] * expert_out_j."""
+    logits: Tensor
+    """[G, S, n] the router logits."""
+
+
+def soft_from_logits(logits_GSn: Tensor) -> SoftOutput:
+    """Soft MoE weights: dispatch normalised over tokens, combine normalised over slots."""
+    return SoftOutput(torch.softmax(logits_GSn, dim=1), torch.softmax(logits_GSn, dim=2), logits_GSn)
+
+
+class SoftRouter(Router):
+    """Soft MoE routing (Puigcerver et al. 2024). ``weight`` is [E * slots_per_expert, D].
+
+    Slot j belongs to expert j // slots_per_expert. Called on x [G, S, D], each leading row one group,
+    it returns :class:`SoftOutput`. Nothing is dropped.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, *,
+                 jitter: float = 0.0, router_dtype: torch.dtype | str = torch.float32,
+                 dtype: torch.dtype | str = torch.float32) -> None:
+        MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=1, router="soft",
+                  slots_per_expert=slots_per_expert, router_jitter=jitter)
+        super().__init__(d_model, num_experts * slots_per_expert, jitter=jitter,
+                         router_dtype=router_dtype, dtype=dtype)
+        self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig) -> SoftRouter:
+        """The router of an MoE layer built from ``cfg``."""
+        return cls(cfg.d_model, cfg.num_experts, cfg.slots_per_expert, jitter=cfg.router_jitter,
+                   router_dtype=cfg.router_dtype, dtype=cfg.dtype)
+
+    def forward(self, x_GSD: Tensor) -> SoftOutput:
+        """Routes groups x [G, S, D]: dispatch and combine weights [G, S, n]."""
+        return soft_from_logits(self.logits(x_GSD))
 
 
 def group_size(cfg: MoEConfig, batch: int, seq_len: int) -> int:
@@ -137,10 +249,28 @@ def capacity(cfg: MoEConfig, tokens_per_group: int, training: bool) -> int | Non
     return max(cfg.min_capacity, math.ceil(factor * tokens_per_group * k / cfg.num_experts - 1e-9))
 
 
-def make_router(cfg: MoEConfig) -> TopKRouter:
+def make_router(cfg: MoEConfig) -> Router:
     """The router module named by ``cfg.router``."""
-    if cfg.router == "topk":
-        return TopKRouter.from_config(cfg)
-    if cfg.router == "noisy_topk":
-        return NoisyTopKRouter.from_config(cfg)
-    raise NotImplementedError(f"router={cfg.router!r} is not available in this version")
+    routers: dict[str, type[TopKRouter] | type[ExpertChoiceRouter] | type[SoftRouter]] = {
+        "topk": TopKRouter, "noisy_topk": NoisyTopKRouter,
+        "expert_choice": ExpertChoiceRouter, "soft": SoftRouter}
+    return routers[cfg.router].from_config(cfg)
+
+
+TOKEN_MIXING_ROUTERS = ("expert_choice", "soft")
+
+
+def check_causal_routing(cfg: MoEConfig, *, per_position_groups: bool = False) -> None:
+    """Raises ValueError if ``cfg`` would leak future tokens into a causal (decoder) model.
+
+    Expert-choice and soft routing decide each token's output from all tokens of its routing group
+    (which tokens an expert takes; how slots are mixed), so when a group spans several positions of a
+    sequence, a token's output depends on later tokens. That is safe for encoders, and for decoders
+    only with per-position groups: call the layer on position-major tokens (``x_BLD.transpose(0, 1)``)
+    with ``group_size`` dividing B, so each group holds tokens of one position (docs/routing.md).
+    """
+    if cfg.router in TOKEN_MIXING_ROUTERS and not per_position_groups:
+        raise ValueError(
+            f"MoEConfig.router={cfg.router!r} mixes the tokens of a routing group, which leaks future "
+            "tokens into a causal model; use router='topk' or 'noisy_topk', use it in an encoder, or "
+            "route per-position groups (position-major input with group_size dividing the batch)")

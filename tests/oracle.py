@@ -109,3 +109,79 @@ def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, ji
     }
     aux["loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.z_loss_coef * aux["z_loss"]
     return torch.stack(outputs).reshape(B, L, D), aux
+
+
+def _group_logits(moe, xs, jitter_SD=None):
+    xr = xs.to(moe.cfg.router_dtype)
+    if jitter_SD is not None:
+        xr = xr * jitter_SD
+    return xr @ moe.router.weight.to(moe.cfg.router_dtype).T
+
+
+def _common_aux(cfg, all_logits, balance, dropped, counts):
+    zs = [torch.logsumexp(row, 0) ** 2 for logits in all_logits for row in logits]
+    ents = [-(torch.softmax(row, 0) * torch.log_softmax(row, 0)).sum()
+            for logits in all_logits for row in logits]
+    aux = {"load_balance_loss": balance, "z_loss": sum(zs) / len(zs),
+           "router_entropy": sum(ents) / len(ents), "dropped_fraction": dropped,
+           "expert_counts": torch.tensor(counts)}
+    aux["loss"] = cfg.load_balance_coef * balance + cfg.z_loss_coef * aux["z_loss"]
+    return aux
+
+
+def oracle_expert_choice_moe(moe, x_BLD: torch.Tensor, training: bool):
+    """Expert choice (Zhou et al. 2022) with loops: each expert takes its top-C tokens per group."""
+    cfg = moe.cfg
+    B, L, D = x_BLD.shape
+    E = cfg.num_experts
+    S = oracle_group_size(cfg, B, L)
+    G = B * L // S
+    if cfg.expert_capacity is not None:
+        C = cfg.expert_capacity
+    else:
+        factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
+        C = max(cfg.min_capacity, math.ceil(round(factor * S / E, 9)))
+    C = min(C, S)
+    x_TD = x_BLD.reshape(B * L, D)
+    outputs, all_logits, untaken = [], [], 0
+    for g in range(G):
+        xs = x_TD[g * S:(g + 1) * S]
+        logits = _group_logits(moe, xs)
+        all_logits.append(logits)
+        probs = torch.softmax(logits, -1)
+        y_rows = [torch.zeros(D, dtype=x_BLD.dtype) for _ in range(S)]
+        taken = [False] * S
+        for e in range(E):
+            chosen = sorted(range(S), key=lambda s, e=e: -probs[s, e].item())[:C]
+            for s in chosen:
+                y_rows[s] = y_rows[s] + probs[s, e].to(x_BLD.dtype) * expert_forward(moe, e, xs[s])
+                taken[s] = True
+        untaken += taken.count(False)
+        outputs.extend(y_rows)
+    aux = _common_aux(cfg, all_logits, 0.0, untaken / (G * S), [G * C] * E)
+    return torch.stack(outputs).reshape(B, L, D), aux
+
+
+def oracle_soft_moe(moe, x_BLD: torch.Tensor):
+    """Soft MoE (Puigcerver et al. 2024) with loops over slots and tokens."""
+    cfg = moe.cfg
+    B, L, D = x_BLD.shape
+    E, P = cfg.num_experts, cfg.slots_per_expert
+    S = oracle_group_size(cfg, B, L)
+    G = B * L // S
+    x_TD = x_BLD.reshape(B * L, D)
+    outputs, all_logits = [], []
+    for g in range(G):
+        xs = x_TD[g * S:(g + 1) * S]
+        logits = _group_logits(moe, xs)  # [S, E*P]
+        all_logits.append(logits)
+        slot_out = []
+        for j in range(E * P):
+            w = torch.softmax(logits[:, j], 0)  # over the group's tokens
+            slot = sum(w[s].to(x_BLD.dtype) * xs[s] for s in range(S))
+            slot_out.append(expert_forward(moe, j // P, slot))
+        for s in range(S):
+            c = torch.softmax(logits[s], 0)  # over all slots
+            outputs.append(sum(c[j].to(x_BLD.dtype) * slot_out[j] for j in range(E * P)))
+    aux = _common_aux(cfg, all_logits, 0.0, 0.0, [G * P] * E)
+    return torch.stack(outputs).reshape(B, L, D), aux

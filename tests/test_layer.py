@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import expert_parallel as ep
+from tests.helpers import BASE, build, compare_with_oracle
 from tests.oracle import oracle_topk_moe
-
-BASE = dict(d_model=8, d_ff=12, num_experts=4, top_k=2, min_capacity=1)
 
 CASES = {
     # name: (config overrides, (B, L), training)
@@ -34,40 +33,9 @@ CASES = {
 }
 
 
-def build(overrides: dict, seed: int = 0) -> ep.MoE:
-    torch.manual_seed(seed)
-    moe = ep.MoE(ep.MoEConfig(**{**BASE, **overrides}))
-    with torch.no_grad():  # non-zero biases, so that the test sees them
-        for name, p in moe.named_parameters():
-            if ".b_" in name:
-                p.normal_()
-    return moe
-
-
 def assert_matches_oracle(moe: ep.MoE, x: torch.Tensor, training: bool, **oracle_kwargs) -> None:
-    moe.train(training)
-    x1 = x.clone().requires_grad_()
-    y, aux = moe(x1)
-    x2 = x.clone().requires_grad_()
-    y_ref, aux_ref = oracle_topk_moe(moe, x2, training, **oracle_kwargs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    for field in ("load_balance_loss", "z_loss", "router_entropy", "loss", "dropped_fraction"):
-        torch.testing.assert_close(getattr(aux, field).double(),
-                                   torch.as_tensor(aux_ref[field]).double(), rtol=1e-5, atol=1e-7,
-                                   msg=field)
-    assert torch.equal(aux.expert_counts, aux_ref["expert_counts"])
-    # Gradients of the input and of every parameter, through outputs and aux loss.
-    w = torch.randn_like(y)
-    grads = torch.autograd.grad((y * w).sum() + aux.loss, [x1, *moe.parameters()],
-                                allow_unused=True)
-    grads_ref = torch.autograd.grad((y_ref * w).sum() + aux_ref["loss"], [x2, *moe.parameters()],
-                                    allow_unused=True)
-    names = ["input", *(n for n, _ in moe.named_parameters())]
-    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-        if g_ref is None:
-            assert g is None or torch.count_nonzero(g) == 0, name
-            continue
-        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=name)
+    compare_with_oracle(moe, x, training,
+                        lambda m, xx: oracle_topk_moe(m, xx, training, **oracle_kwargs))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,0 +1,52 @@
+"""Shared test helpers: build a layer, compare it with an oracle (outputs, aux, all gradients)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import expert_parallel as ep
+
+BASE = dict(d_model=8, d_ff=12, num_experts=4, top_k=2, min_capacity=1)
+
+AUX_SCALARS = ("load_balance_loss", "z_loss", "router_entropy", "loss", "dropped_fraction")
+
+
+def build(overrides: dict, seed: int = 0) -> ep.MoE:
+    """An MoE from BASE + overrides, with non-zero biases so that tests see them."""
+    torch.manual_seed(seed)
+    moe = ep.MoE(ep.MoEConfig(**{**BASE, **overrides}))
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if ".b_" in name:
+                p.normal_()
+    return moe
+
+
+def compare_with_oracle(moe: ep.MoE, x: torch.Tensor, training: bool,
+                        oracle: Callable[[ep.MoE, torch.Tensor], tuple[torch.Tensor, dict]]) -> None:
+    """MoE and oracle agree on outputs, every MoEAux field, and the gradients of input and params."""
+    moe.train(training)
+    x1 = x.clone().requires_grad_()
+    y, aux = moe(x1)
+    x2 = x.clone().requires_grad_()
+    y_ref, aux_ref = oracle(moe, x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for field in AUX_SCALARS:
+        torch.testing.assert_close(getattr(aux, field).double(),
+                                   torch.as_tensor(aux_ref[field]).double(), rtol=1e-5, atol=1e-7,
+                                   msg=field)
+    assert torch.equal(aux.expert_counts, aux_ref["expert_counts"])
+    w = torch.randn_like(y)
+    params = [x1, *moe.parameters()]
+    grads = torch.autograd.grad((y * w).sum() + aux.loss, params, allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * w).sum() + aux_ref["loss"], [x2, *moe.parameters()],
+                                    allow_unused=True)
+    names = ["input", *(n for n, _ in moe.named_parameters())]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        if g_ref is None:
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        assert g is not None, name
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=name)
