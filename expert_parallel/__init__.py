@@ -8,7 +8,10 @@ Shape suffixes (a tensor's name ends in the letters of its dimensions):
 """
 
 from .config import MoEConfig
+from .dispatch import CommReport
+from .distributed import DistContext, detect_launcher, init_distributed
 from .experts import FeedForward
+from .grads import clip_grad_norm_, grad_norm, sync_gradients
 from .layer import MoE
 from .losses import MoEAux
 from .routing import (
@@ -25,6 +28,26 @@ from .routing import (
 
 __version__ = "0.1.0"
 
-__all__ = ["ExpertChoiceOutput", "ExpertChoiceRouter", "FeedForward", "MoE", "MoEAux", "MoEConfig",
-           "NoisyTopKRouter", "Router", "SoftOutput", "SoftRouter", "TopKOutput", "TopKRouter",
-           "__version__", "check_causal_routing"]
+__all__ = [
+    "CommReport",
+    "DistContext",
+    "ExpertChoiceOutput",
+    "ExpertChoiceRouter",
+    "FeedForward",
+    "MoE",
+    "MoEAux",
+    "MoEConfig",
+    "NoisyTopKRouter",
+    "Router",
+    "SoftOutput",
+    "SoftRouter",
+    "TopKOutput",
+    "TopKRouter",
+    "__version__",
+    "check_causal_routing",
+    "clip_grad_norm_",
+    "detect_launcher",
+    "grad_norm",
+    "init_distributed",
+    "sync_gradients",
+]

@@ -1,7 +1,8 @@
-"""A short single-process run: build an MoE, train it a few steps on random data, print routing stats.
+"""A short MoE training run on random data that prints routing and traffic statistics.
 
 The model is one residual MoE block regressing a fixed random target (a teacher FFN), so the loss
-falls and the routing statistics move while the reader watches.
+falls and the routing statistics move while the reader watches. It runs as a single process
+(``python``) or expert-parallel under torchrun (each rank its own batch, experts sharded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import time
 import torch
 
 from .config import MoEConfig
+from .distributed import init_distributed
 from .experts import FeedForward
+from .grads import sync_gradients
 from .layer import MoE
 from .losses import MoEAux
 
@@ -33,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ep-size", type=int, default=None,
+                        help="expert-parallel size (default: the world size)")
 
 
 def _factor(text: str) -> float | None:
@@ -50,27 +55,37 @@ def format_stats(step: int, loss: float, aux: MoEAux) -> str:
 
 
 def run(args: argparse.Namespace) -> float:
-    """Trains the demo block; returns the final task loss."""
-    torch.manual_seed(args.seed)
+    """Trains the demo block; returns the final task loss (rank 0's, averaged over ranks)."""
+    ctx = init_distributed(ep_size=args.ep_size)
+    torch.manual_seed(args.seed)  # same seed everywhere: same router, teacher and expert init
     cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts,
                     top_k=args.top_k, router=args.router, capacity_factor=args.capacity_factor,
                     slots_per_expert=args.slots_per_expert, activation=args.activation)
-    moe = MoE(cfg)
+    moe = MoE(cfg, ep_group=ctx.ep_group)
     teacher = FeedForward(cfg.d_model, 4 * cfg.d_ff, activation="relu").requires_grad_(False)
     optimizer = torch.optim.AdamW(moe.parameters(), lr=args.lr)
-    print(f"MoE: {cfg.num_experts} experts, top-{cfg.top_k} {cfg.router} routing, capacity factor "
-          f"{cfg.capacity_factor}, {sum(p.numel() for p in moe.parameters()):,} parameters")
+    say = print if ctx.rank == 0 else (lambda *a, **k: None)
+    say(f"MoE: {cfg.num_experts} experts, top-{cfg.top_k} {cfg.router} routing, capacity factor "
+        f"{cfg.capacity_factor}; {ctx.world_size} rank(s) launched by {ctx.launcher}, ep_size "
+        f"{ctx.ep_size}, dp_size {ctx.dp_size}, {moe.experts.num_local} expert(s) per rank")
+    data = torch.Generator().manual_seed(args.seed + 1 + ctx.rank)  # each rank its own batches
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(1, args.steps + 1):
-        x_BLD = torch.randn(args.batch_size, args.seq_len, cfg.d_model)
+        x_BLD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, generator=data)
         y_BLD, aux = moe(x_BLD)
         loss = torch.nn.functional.mse_loss(x_BLD + y_BLD, teacher(x_BLD))
         optimizer.zero_grad()
         (loss + aux.loss).backward()
+        sync_gradients(moe, ctx)
         optimizer.step()
-        loss_value = loss.item()
+        mean_loss = loss.detach().clone()
+        torch.distributed.all_reduce(mean_loss)  # NOTE: collective (for the printout)
+        loss_value = mean_loss.item() / ctx.world_size
         if step == 1 or step % 5 == 0 or step == args.steps:
-            print(format_stats(step, loss_value, aux))
-    tokens = args.steps * args.batch_size * args.seq_len
-    print(f"{tokens:,} tokens in {time.perf_counter() - start:.1f} s")
+            say(format_stats(step, loss_value, aux))
+    tokens = args.steps * args.batch_size * args.seq_len * ctx.world_size
+    say(f"{tokens:,} tokens in {time.perf_counter() - start:.1f} s")
+    if aux.comm is not None:
+        say(f"traffic of rank 0's last call ({aux.comm.mode}): rows sent per peer {aux.comm.sent_rows}, "
+            f"bytes per peer (dispatch + combine) {aux.comm.sent_bytes}")
     return loss_value

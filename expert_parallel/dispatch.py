@@ -10,12 +10,48 @@ exchange between the gather and the experts, and between the experts and the com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from .plan import RoutingPlan
+
+
+@dataclass(frozen=True)
+class CommReport:
+    """Traffic of one MoE call on this rank, per peer of the expert-parallel group.
+
+    Dispatch sends ``sent_rows[q]`` rows of D elements to peer q and receives ``recv_rows[q]`` rows
+    from it; combine sends the received rows back. So over one call this rank sends, and receives,
+    ``sent_rows[q] + recv_rows[q]`` rows to and from q. The entry for this rank itself is a local copy.
+
+    Attributes:
+        mode: "local" (every expert on this rank), "capacity" or "dropless".
+        sent_rows: rows sent to each peer in dispatch.
+        recv_rows: rows received from each peer in dispatch.
+        row_elements: D, elements per row.
+        element_size: bytes per element.
+        control_bytes: bytes this rank sent for counts (dropless count exchange, expert_counts sum).
+    """
+
+    mode: str
+    sent_rows: tuple[int, ...]
+    recv_rows: tuple[int, ...]
+    row_elements: int
+    element_size: int
+    control_bytes: int = 0
+
+    @property
+    def dispatch_elements(self) -> int:
+        """Elements this rank sends in dispatch (rows · D, its local copy included)."""
+        return sum(self.sent_rows) * self.row_elements
+
+    @property
+    def sent_bytes(self) -> tuple[int, ...]:
+        """Bytes sent to each peer over the call (dispatch + combine; equals the bytes received)."""
+        row_bytes = self.row_elements * self.element_size
+        return tuple((s + r) * row_bytes for s, r in zip(self.sent_rows, self.recv_rows, strict=True))
 
 
 @dataclass(frozen=True)
@@ -26,11 +62,17 @@ class Dispatched:
         x_nD: rows for this rank's experts, sorted by local expert.
         counts_e: int64 [e], rows per local expert.
         plan: the routing plan the rows came from.
+        counts_E_global: int64 [E], kept rows per expert summed over the expert-parallel group.
+        comm: the traffic report of this call.
+        state: whatever the dispatcher's combine needs (split sizes, permutations).
     """
 
     x_nD: Tensor
     counts_e: Tensor
     plan: RoutingPlan
+    counts_E_global: Tensor
+    comm: CommReport
+    state: Any = None
 
 
 class Dispatcher(Protocol):
@@ -81,7 +123,10 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
         """Rows of x for all E experts, sorted by expert."""
-        return Dispatched(gather_rows(x_TD, plan), plan.counts_E, plan)
+        rows_ND = gather_rows(x_TD, plan)
+        report = CommReport("local", (rows_ND.shape[0],), (rows_ND.shape[0],), rows_ND.shape[-1],
+                            rows_ND.element_size())
+        return Dispatched(rows_ND, plan.counts_E, plan, counts_E_global=plan.counts_E, comm=report)
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Weighted sum of the expert outputs into their tokens."""

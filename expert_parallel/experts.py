@@ -142,9 +142,12 @@ class GroupedExperts(nn.Module):
                        add_bias=lambda h, b: h + b[expert_N])
         # NOTE: host-device sync: the row counts are needed on the host to slice the rows.
         sizes = counts_e.tolist()
+        # Experts with no rows still run (on an empty slice): the output must always depend on
+        # x_ND and the weights, or a rank that received nothing would skip the backward
+        # all-to-alls that its peers wait in.
         outputs = [ffn(x_nD, {k: v[i] for k, v in w.items()}, self.activation)
-                   for i, x_nD in enumerate(torch.split(x_ND, sizes)) if sizes[i] > 0]
-        return torch.cat(outputs) if outputs else x_ND.new_zeros((0, self.d_model))
+                   for i, x_nD in enumerate(torch.split(x_ND, sizes))]
+        return torch.cat(outputs)
 
 
 class FeedForward(nn.Module):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher
+from .distributed import all_gather_cat, group_size_and_rank
+from .exchange import AllToAllDispatcher
 from .experts import GroupedExperts, draw_base_seed
 from .losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
 from .plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
@@ -28,17 +33,34 @@ class MoE(nn.Module):
     ``experts.w_out`` [E, F, D], and with ``bias`` ``experts.b_in`` / ``b_gate`` [E, F],
     ``experts.b_out`` [E, D].
 
+    Under expert parallelism (``ep_group`` of R > 1 ranks) this rank holds experts
+    [r·E/R, (r+1)·E/R): its ``state_dict`` has those rows only, ``full_state_dict`` gathers the
+    single-device layout and ``load_full_state_dict`` takes this rank's slice of one.
+
     Args:
         cfg: the validated layer configuration.
+        ep_group: the expert-parallel process group (``ctx.ep_group``); None for one device.
+
+    Raises:
+        ValueError: num_experts is not divisible by the expert-parallel size.
     """
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.ep_group = ep_group
+        self.ep_size, self.ep_rank = group_size_and_rank(ep_group)
+        if cfg.num_experts % self.ep_size:
+            raise ValueError(f"MoEConfig.num_experts={cfg.num_experts} is not divisible by the "
+                             f"expert-parallel size {self.ep_size}")
+        local = cfg.num_experts // self.ep_size
         self.router = make_router(cfg)
         # One draw from the global generator; expert i is initialised from (base_seed, i).
-        self.experts = GroupedExperts(cfg, draw_base_seed())
+        self.experts = GroupedExperts(cfg, draw_base_seed(), num_local=local,
+                                      first=self.ep_rank * local)
         self.dispatcher: Dispatcher = LocalDispatcher()
+        if ep_group is not None and self.ep_size > 1:
+            self.dispatcher = AllToAllDispatcher(ep_group, cfg.num_experts)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
@@ -53,7 +75,7 @@ class MoE(nn.Module):
         """
         self._check_input(x_BLD)
         B, L, D = x_BLD.shape
-        if B * L == 0:
+        if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
             return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)
         x_TD = x_BLD.reshape(B * L, D)
@@ -62,6 +84,7 @@ class MoE(nn.Module):
         dispatched = self.dispatcher.dispatch(x_TD, plan)
         y_nD = self.experts(dispatched.x_nD, dispatched.counts_e)
         y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
+        aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm)
         return self.dropout(y_TD.reshape(B, L, D)), aux
 
     def _route(self, logits_GSE: Tensor) -> tuple[RoutingPlan, MoEAux]:
@@ -80,10 +103,47 @@ class MoE(nn.Module):
         else:
             soft = soft_from_logits(logits_GSE)
             plan = soft_plan(soft.dispatch, soft.combine, cfg.num_experts)
+        if logits_GSE.numel() == 0:  # an empty rank under expert parallelism
+            return plan, empty_aux(cfg.num_experts, logits_GSE.device)
         aux = make_aux(balance=balance, zloss=z_loss(logits_GSE), entropy=router_entropy(logits_GSE),
                        dropped=plan.dropped_fraction, counts_E=plan.counts_E,
                        balance_coef=cfg.load_balance_coef, z_coef=cfg.z_loss_coef)
         return plan, aux
+
+    # ---- checkpoints in the single-device layout ----
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The single-device state dict (all E experts), gathered over the expert-parallel group.
+
+        Every rank of the group must call it (it is a collective) and every rank gets the result.
+        """
+        full: dict[str, Tensor] = {}
+        for name, value in self.state_dict().items():
+            if name.startswith("experts.") and self.ep_group is not None:
+                full[name] = all_gather_cat(value, self.ep_group)
+            else:
+                full[name] = value.detach().clone()
+        return full
+
+    def load_full_state_dict(self, full_sd: dict[str, Tensor]) -> None:
+        """Loads this rank's slice of a single-device state dict (same keys as ``MoE(cfg)``).
+
+        Raises:
+            ValueError: a key is missing or unexpected, or a tensor has the wrong shape.
+        """
+        own = self.state_dict()
+        missing, extra = sorted(set(own) - set(full_sd)), sorted(set(full_sd) - set(own))
+        if missing or extra:
+            raise ValueError(f"MoE state dict mismatch: missing keys {missing}, unexpected keys {extra}")
+        first, count = self.experts.first, self.experts.num_local
+        local: dict[str, Tensor] = {}
+        for name, mine in own.items():
+            value = full_sd[name]
+            expected = (self.cfg.num_experts, *mine.shape[1:]) if name.startswith("experts.") else mine.shape
+            if tuple(value.shape) != tuple(expected):
+                raise ValueError(f"MoE state dict key {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(expected)}")
+            local[name] = value[first:first + count] if name.startswith("experts.") else value
+        self.load_state_dict(local)
 
     def _check_input(self, x_BLD: Tensor) -> None:
         cfg = self.cfg

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .dispatch import CommReport
+
 
 @dataclass(frozen=True)
 class MoEAux:
@@ -18,7 +20,9 @@ class MoEAux:
         z_loss: mean over tokens of logsumexp(logits)^2.
         router_entropy: mean over tokens of -sum_e p log p.
         dropped_fraction: dropped assignments / all assignments.
-        expert_counts: int64 [E], kept assignments per expert.
+        expert_counts: int64 [E], kept assignments per expert (summed over the expert-parallel
+            group under expert parallelism).
+        comm: the traffic report of the call (:class:`CommReport`), None when not available.
     """
 
     loss: Tensor
@@ -27,6 +31,7 @@ class MoEAux:
     router_entropy: Tensor
     dropped_fraction: Tensor
     expert_counts: Tensor
+    comm: CommReport | None = None
 
 
 def load_balance_loss(idx_GSK: Tensor, probs_GSE: Tensor) -> Tensor:

@@ -1,0 +1,153 @@
+"""The all-to-all exchange: token rows to the ranks that own their experts, expert outputs back.
+
+Rows of a plan are sorted by (expert, group, slot), and rank q of the expert-parallel group owns experts
+[q·e, (q+1)·e), so the rows for each destination rank are one contiguous block.
+
+- Capacity mode (plan.capacity set): every rank scatters its rows into a fixed [E, G, C', D] buffer
+  (C' = min(C, S)), and one ``all_to_all_single`` with equal splits moves e·G·C' rows to every peer. No
+  count exchange. The receiver runs its experts on all R·G·C' slots of each local expert, so every
+  rank needs the same G and C'.
+- Dropless mode (capacity None): ranks first exchange their per-expert counts (one all-gather of
+  [E] int64), then ``all_to_all_single`` moves exactly the kept rows with variable split sizes.
+
+The way back is the mirror image. Gradients flow through both exchanges (``_AllToAll``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from .dispatch import CommReport, Dispatched, combine_rows, gather_rows
+from .plan import RoutingPlan
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: the backward is the exchange with the splits swapped.
+
+    torch.distributed.nn.functional.all_to_all_single does the same but is deprecated in torch 2.13
+    and its replacement is private, so this wraps the stable ``dist.all_to_all_single`` directly.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_ND: Tensor, out_splits: list[int], in_splits: list[int],
+                group: ProcessGroup) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
+        # NOTE: collective (all-to-all over the expert-parallel group).
+        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        out_splits, in_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
+        # NOTE: collective (all-to-all of the gradients, splits swapped).
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup) -> Tensor:
+    """Differentiable all_to_all_single over ``group`` (rows of x split by in_splits)."""
+    out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group)
+    return out
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """What combine needs to send the expert outputs back (kept in Dispatched.state)."""
+
+    send_rows: list[int]
+    recv_rows: list[int]
+    from_experts: Tensor | None  # dropless: permutation from expert-major rows to received order
+    slot_index: Tensor | None  # capacity: each plan row's position in the [E, G, C'] buffer
+    block: tuple[int, int, int]  # capacity: (e, G, C')
+
+
+def _chunk_order(sizes_Re: Tensor) -> Tensor:
+    """Row permutation turning chunks ordered (source, expert) into (expert, source) order."""
+    R, e = sizes_Re.shape
+    start_Re = torch.cumsum(sizes_Re.reshape(-1), 0).reshape(R, e) - sizes_Re
+    sizes_eR, start_eR = sizes_Re.t().reshape(-1), start_Re.t().reshape(-1)
+    offset_eR = torch.cumsum(sizes_eR, 0) - sizes_eR
+    total = int(sizes_eR.sum().item())
+    shift = torch.repeat_interleave(start_eR - offset_eR, sizes_eR, output_size=total)
+    return torch.arange(total, device=sizes_Re.device) + shift
+
+
+class AllToAllDispatcher:
+    """Dispatcher over an expert-parallel group of R ranks, each holding E / R experts."""
+
+    def __init__(self, group: ProcessGroup, num_experts: int) -> None:
+        self.group = group
+        self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.e = num_experts // self.R
+
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
+        """Gathers the rows of the plan and moves each to the rank that owns its expert."""
+        rows_ND = gather_rows(x_TD, plan)
+        if plan.capacity is None:
+            return self._dispatch_dropless(rows_ND, plan)
+        return self._dispatch_capacity(rows_ND, plan)
+
+    def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
+        """Sends the expert outputs back to the ranks of their tokens and combines them there."""
+        ex: _Exchange = dispatched.state
+        if ex.from_experts is not None:  # dropless: back to received order, then home
+            y_back = y_nD.new_empty(y_nD.shape).index_copy(0, ex.from_experts, y_nD)
+            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group)
+        else:  # capacity: back to [R, e, G, C'] order, home, then read each row's slot
+            e, G, C = ex.block
+            y_back = y_nD.reshape(e, self.R, G * C, -1).transpose(0, 1).reshape(-1, y_nD.shape[-1])
+            assert ex.slot_index is not None
+            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group).index_select(
+                0, ex.slot_index)
+        return combine_rows(y_rows, dispatched.plan, num_tokens)
+
+    def _dispatch_capacity(self, rows_ND: Tensor, plan: RoutingPlan) -> Dispatched:
+        assert plan.capacity is not None
+        E, G, D = plan.num_experts, plan.num_groups, rows_ND.shape[-1]
+        C = min(plan.capacity, plan.tokens_per_group)
+        # 1. Rows into their slots of the fixed [E, G, C] buffer (empty slots stay zero).
+        slot_index = (plan.expert_N * G + plan.group_N) * C + plan.slot_N
+        buffer = rows_ND.new_zeros((E * G * C, D)).index_copy(0, slot_index, rows_ND)
+        # 2. One all-to-all with equal splits: e·G·C rows to every peer.
+        block = self.e * G * C
+        splits = [block] * self.R
+        recv = all_to_all(buffer, splits, splits, self.group)
+        # 3. Received [R, e, G·C] -> expert-major [e, R·G·C] for the grouped GEMM.
+        x_nD = recv.reshape(self.R, self.e, G * C, D).transpose(0, 1).reshape(-1, D)
+        counts_e = torch.full((self.e,), self.R * G * C, dtype=torch.int64, device=rows_ND.device)
+        counts_E = plan.counts_E.clone()
+        # NOTE: collective: expert_counts summed over the expert-parallel group (statistics only).
+        dist.all_reduce(counts_E, group=self.group)
+        report = CommReport("capacity", tuple(splits), tuple(splits), D, rows_ND.element_size(),
+                            control_bytes=counts_E.numel() * 8)
+        ex = _Exchange(splits, splits, None, slot_index, (self.e, G, C))
+        return Dispatched(x_nD, counts_e, plan, counts_E_global=counts_E, comm=report, state=ex)
+
+    def _dispatch_dropless(self, rows_ND: Tensor, plan: RoutingPlan) -> Dispatched:
+        R, e, D = self.R, self.e, rows_ND.shape[-1]
+        # 1. Count exchange: every rank learns every rank's per-expert counts.
+        gathered = [torch.empty_like(plan.counts_E) for _ in range(R)]
+        # NOTE: collective: all-gather of the [E] counts over the expert-parallel group.
+        dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group)
+        counts_RE = torch.stack(gathered)
+        recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
+        # NOTE: host-device sync: split sizes are needed on the host.
+        send_rows = plan.counts_E.reshape(R, e).sum(1).tolist()
+        recv_rows = recv_Re.sum(1).tolist()
+        # 2. Variable-size all-to-all of exactly the kept rows.
+        recv = all_to_all(rows_ND, recv_rows, send_rows, self.group)
+        # 3. Received (source, expert) chunks -> expert-major order.
+        order = _chunk_order(recv_Re)
+        report = CommReport("dropless", tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
+                            control_bytes=R * plan.counts_E.numel() * 8)
+        ex = _Exchange(send_rows, recv_rows, order, None, (e, 0, 0))
+        return Dispatched(recv.index_select(0, order), recv_Re.sum(0), plan,
+                          counts_E_global=counts_RE.sum(0), comm=report, state=ex)

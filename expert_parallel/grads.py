@@ -1,0 +1,109 @@
+"""Gradient synchronisation and global gradient norms under EP x DP.
+
+Rank r computes loss_r on its own tokens. Target: every gradient equals the single-device gradient of
+L = (1/W) Σ_r loss_r over the world of W ranks.
+
+- Non-expert parameter (router, embeddings, ...): rank r's backward gives ∂loss_r/∂θ, so
+  grad = (1/W) Σ_r ∂loss_r/∂θ: all-reduce SUM over the world, divided by W.
+- Expert parameter: the all-to-all backward already brings every token's gradient to the rank that
+  owns the expert, so rank q's local gradient is Σ_{r in its EP group} ∂loss_r/∂w. The ranks holding
+  the same experts form the DP group, so grad = (1/W) Σ_{DP group} (local grad): all-reduce SUM over
+  the DP group, divided by W (not by dp_size: the 1/ep_size is what keeps the scale independent of
+  the expert-parallel size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from .distributed import DistContext
+from .experts import GroupedExperts
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(non-expert, expert) trainable parameters of ``model``; expert = inside a GroupedExperts."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    shared: list[nn.Parameter] = []
+    expert: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (expert if id(p) in expert_ids else shared).append(p)
+    return shared, expert
+
+
+def _all_reduce_grads(params: Iterable[nn.Parameter], group: ProcessGroup | None, scale: float) -> None:
+    """grad <- scale * Σ_group grad, with one flat all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.grad is None:  # every rank must send the same flat buffer: a missing grad is zero
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(flat, group=group)  # NOTE: collective
+        flat.mul_(scale)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
+    """After backward: makes every gradient the single-device gradient of the mean per-rank loss.
+
+    Non-expert gradients are averaged over the world; expert gradients are summed over the ranks that
+    hold the same experts (ctx.dp_group) and divided by the world size. Every rank must call it.
+    """
+    shared, expert = split_parameters(model)
+    scale = 1.0 / ctx.world_size
+    _all_reduce_grads(shared, None, scale)
+    _all_reduce_grads(expert, ctx.dp_group, scale)
+
+
+def grad_norm(model: nn.Module, ctx: DistContext, norm_type: float = 2.0) -> Tensor:
+    """The global gradient norm of the single-device model, each expert counted once.
+
+    Call after :func:`sync_gradients` (then non-expert gradients agree on all ranks and expert
+    gradients agree across the DP group). Returns the same value on every rank.
+    """
+    if norm_type not in (2.0, math.inf):
+        raise ValueError(f"norm_type={norm_type} is invalid: expected 2.0 or math.inf")
+    shared, expert = split_parameters(model)
+    device = next(model.parameters()).device
+
+    def local(params: list[nn.Parameter]) -> Tensor:
+        grads = [p.grad.detach().float() for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=device)
+        if norm_type == math.inf:
+            return torch.stack([g.abs().max() for g in grads]).max()
+        return torch.stack([g.square().sum() for g in grads]).sum()
+
+    shared_part, expert_part = local(shared), local(expert)
+    op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
+    if ctx.ep_size > 1:
+        dist.all_reduce(expert_part, op=op, group=ctx.ep_group)  # NOTE: collective
+    if norm_type == math.inf:
+        return torch.maximum(shared_part, expert_part)
+    return (shared_part + expert_part).sqrt()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: DistContext,
+                    norm_type: float = 2.0) -> Tensor:
+    """Scales all gradients so that the global norm (:func:`grad_norm`) is at most ``max_norm``.
+
+    Returns the norm before clipping, like ``torch.nn.utils.clip_grad_norm_``.
+    """
+    total = grad_norm(model, ctx, norm_type)
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor.to(p.grad.dtype))
+    return total

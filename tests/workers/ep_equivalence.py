@@ -1,0 +1,240 @@
+"""Run under torchrun: expert-parallel MoE == single-device reference, case by case.
+
+    torchrun --standalone --nproc-per-node 4 tests/workers/ep_equivalence.py --ep-size 2
+
+Every rank also builds the single-device reference and runs it on every rank's slice (group
+boundaries at rank boundaries), so each rank can check its own numbers. Prints "ALL OK <n>" on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+from torch import nn
+
+import expert_parallel as ep
+
+D, F, E, L = 8, 12, 8, 8
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+CASES = {
+    # name: (config overrides, training, batch sizes per rank (None = 2 each), block the last EP rank)
+    "topk_k1_capacity": (dict(top_k=1, capacity_factor=1.0), True, None, False),
+    "topk_k2_capacity_drops": (dict(capacity_factor=0.5), True, None, False),
+    "topk_k2_probs_drops": (dict(capacity_factor=0.75, drop_policy="probs"), True, None, False),
+    "topk_k2_dropless": (dict(capacity_factor=None), True, None, False),
+    "topk_k1_dropless_swiglu_bias": (dict(top_k=1, capacity_factor=None, activation="swiglu", bias=True),
+                                     True, None, False),
+    "noisy_topk_eval": (dict(router="noisy_topk", capacity_factor=0.75), False, None, False),
+    "topk_groups_geglu": (dict(group_size=4, capacity_factor=1.0, activation="geglu"), True, None, False),
+    "eval_dropless": (dict(capacity_factor=0.5, eval_capacity_factor=None), False, None, False),
+    "expert_choice": (dict(router="expert_choice", capacity_factor=1.0), True, None, False),
+    "expert_choice_bias": (dict(router="expert_choice", capacity_factor=0.5, bias=True), True, None, False),
+    "soft": (dict(router="soft", slots_per_expert=2), True, None, False),
+    "dropless_uneven_batches": (dict(capacity_factor=None), True, "uneven", False),
+    "capacity_last_rank_idle": (dict(capacity_factor=1.0), True, None, True),
+    "dropless_last_rank_idle": (dict(capacity_factor=None, top_k=1), True, "uneven", True),
+}
+
+
+def batch_sizes(kind: str | None, world: int) -> list[int]:
+    if kind == "uneven":  # includes a rank with no tokens at all
+        return [(3, 1, 0, 2)[r % 4] for r in range(world)]
+    return [2] * world
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def make_data(world: int, sizes: list[int], block: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(b, L, D, generator=g) for b in sizes]
+    ws = [torch.randn(b, L, D, generator=g) for b in sizes]
+    if block:  # a constant feature that the blocked experts' router rows punish
+        for x in xs:
+            x[..., 0] = 10.0
+    return xs, ws
+
+
+def reference(cfg: ep.MoEConfig, training: bool, block: bool, ctx: ep.DistContext) -> ep.MoE:
+    torch.manual_seed(0)
+    ref = ep.MoE(cfg).train(training)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for name, p in ref.named_parameters():
+            if ".b_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+        if block:
+            e = E // ctx.ep_size
+            ref.router.weight[:, 0] = 0.0
+            ref.router.weight[E - e:, 0] = -50.0
+    return ref
+
+
+def run_case(ctx: ep.DistContext, name: str) -> None:
+    overrides, training, kind, block = CASES[name]
+    cfg = ep.MoEConfig(**{**dict(d_model=D, d_ff=F, num_experts=E, top_k=2, min_capacity=1), **overrides})
+    W, r = ctx.world_size, ctx.rank
+    # Layout-independent initialisation: same seed, same experts, whatever the layout.
+    torch.manual_seed(0)
+    moe = ep.MoE(cfg, ep_group=ctx.ep_group).train(training)
+    ref = reference(cfg, training, block, ctx)
+    torch.manual_seed(0)
+    for key, value in ep.MoE(cfg).state_dict().items():
+        assert torch.equal(moe.full_state_dict()[key], value), f"{name}: init of {key}"
+    moe.load_full_state_dict(ref.state_dict())
+
+    sizes = batch_sizes(kind, W)
+    xs, ws = make_data(W, sizes, block)
+    # Expert-parallel: my slice only.
+    x = xs[r].clone().requires_grad_()
+    y, aux = moe(x)
+    ((y * ws[r]).sum() + aux.loss).backward()
+    ep.sync_gradients(moe, ctx)
+    # Reference: every slice separately (groups end at rank boundaries), loss = mean over ranks.
+    ref_x = [xi.clone().requires_grad_() for xi in xs]
+    ref_out = [ref(xi) for xi in ref_x]
+    total = sum((yi * wi).sum() + ai.loss for (yi, ai), wi in zip(ref_out, ws, strict=True))
+    (total / W).backward()
+
+    y_ref, aux_ref = ref_out[r]
+    close(y, y_ref, f"{name}: output")
+    assert x.grad is not None and ref_x[r].grad is not None
+    close(x.grad, ref_x[r].grad * W, f"{name}: input grad")
+    for field in ("loss", "load_balance_loss", "z_loss", "router_entropy", "dropped_fraction"):
+        close(getattr(aux, field).float(), getattr(aux_ref, field).float(), f"{name}: aux.{field}")
+    group_ranks = range(ctx.dp_rank * ctx.ep_size, (ctx.dp_rank + 1) * ctx.ep_size)
+    counts = sum(ref_out[q][1].expert_counts for q in group_ranks)
+    assert torch.equal(aux.expert_counts, counts), f"{name}: expert_counts {aux.expert_counts} {counts}"
+    check_param_grads(moe, ref, name)
+    check_grad_norm(moe, ref, ctx, name)
+    check_comm(aux, cfg, sizes[r], training, name, block and ctx.ep_rank == ctx.ep_size - 1)
+
+
+def check_param_grads(moe: ep.MoE, ref: ep.MoE, name: str) -> None:
+    ref_grads = dict(ref.named_parameters())
+    first, count = moe.experts.first, moe.experts.num_local
+    for pname, p in moe.named_parameters():
+        g_ref = ref_grads[pname].grad
+        assert p.grad is not None, f"{name}: sync_gradients left no grad for {pname}"
+        if g_ref is None:  # unused parameter (noise weight in eval): sync_gradients fills zeros
+            g_ref = torch.zeros_like(ref_grads[pname])
+        if pname.startswith("experts."):
+            g_ref = g_ref[first:first + count]
+        close(p.grad, g_ref, f"{name}: grad of {pname}")
+
+
+def check_grad_norm(moe: ep.MoE, ref: ep.MoE, ctx: ep.DistContext, name: str) -> None:
+    expected = torch.sqrt(sum(p.grad.square().sum() for p in ref.parameters() if p.grad is not None))
+    close(ep.grad_norm(moe, ctx), expected, f"{name}: grad_norm")
+    expected_inf = max(p.grad.abs().max() for p in ref.parameters() if p.grad is not None)
+    close(ep.grad_norm(moe, ctx, math.inf), expected_inf, f"{name}: grad_norm inf")
+
+
+def check_comm(aux: ep.MoEAux, cfg: ep.MoEConfig, batch: int, training: bool, name: str,
+               idle: bool) -> None:
+    comm = aux.comm
+    assert comm is not None and comm.row_elements == D and comm.element_size == 4
+    S = cfg.group_size or batch * L
+    G = batch * L // S if S else 0
+    if comm.mode == "capacity":
+        if cfg.router == "soft":
+            C = cfg.slots_per_expert
+        else:
+            k = cfg.top_k if cfg.token_choice else 1
+            C = min(max(cfg.min_capacity, math.ceil(cfg.capacity_factor_for(training) * S * k / E - 1e-9)), S)
+        assert comm.dispatch_elements == G * E * C * D, f"{name}: capacity traffic {comm}"
+        assert len(set(comm.sent_rows)) == 1
+    elif comm.mode == "dropless":
+        kept = round((1 - aux.dropped_fraction.item()) * G * S * cfg.top_k)
+        assert sum(comm.sent_rows) == kept, f"{name}: dropless traffic {comm} vs {kept}"
+        if idle:
+            assert sum(comm.recv_rows) == 0, f"{name}: idle rank received rows"
+    pairs = zip(comm.sent_rows, comm.recv_rows, strict=True)
+    assert comm.sent_bytes == tuple((s + q) * D * 4 for s, q in pairs)
+
+
+class TwoLayer(nn.Module):
+    """Input projection, then two residual MoE layers (capacity top-2, then dropless top-1)."""
+
+    def __init__(self, group: object | None) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        base = dict(d_model=D, d_ff=F, num_experts=E, min_capacity=1)
+        self.moe1 = ep.MoE(ep.MoEConfig(**base, top_k=2, capacity_factor=1.0), ep_group=group)  # type: ignore[arg-type]
+        self.moe2 = ep.MoE(ep.MoEConfig(**base, top_k=1, capacity_factor=None, activation="swiglu"),
+                           ep_group=group)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.proj(x)
+        y1, a1 = self.moe1(h)
+        h = h + y1
+        y2, a2 = self.moe2(h)
+        return h + y2, a1.loss + a2.loss
+
+
+def train_steps(ctx: ep.DistContext, steps: int = 20) -> None:
+    """20 AdamW steps with clipping under EP x DP == 20 steps in one process on the same batches."""
+    W, r = ctx.world_size, ctx.rank
+    torch.manual_seed(0)
+    model = TwoLayer(ctx.ep_group)
+    torch.manual_seed(0)
+    ref = TwoLayer(None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        xs = [torch.randn(2, L, D, generator=g) for _ in range(W)]
+        targets = [torch.randn(2, L, D, generator=g) for _ in range(W)]
+        out, aux_loss = model(xs[r])
+        (((out - targets[r]) ** 2).mean() + aux_loss).backward()
+        ep.sync_gradients(model, ctx)
+        ep.clip_grad_norm_(model, 0.5, ctx)
+        opt.step()
+        opt.zero_grad()
+        losses = [((o - t) ** 2).mean() + a for (o, a), t in
+                  ((ref(x), t) for x, t in zip(xs, targets, strict=True))]
+        (sum(losses) / W).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full = {f"proj.{k}": v for k, v in model.proj.state_dict().items()}
+    for layer in ("moe1", "moe2"):
+        full.update({f"{layer}.{k}": v for k, v in getattr(model, layer).full_state_dict().items()})
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"after {steps} steps, {key}: {m}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ep-size", type=int, required=True)
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    args = parser.parse_args()
+    ctx = ep.init_distributed(ep_size=args.ep_size, timeout=120)
+    assert ctx.launcher == "torchrun" and ctx.backend == "gloo"
+    assert ctx.world_size == ctx.ep_size * ctx.dp_size
+    if ctx.ep_size > 1:
+        try:
+            bad = ep.MoEConfig(d_model=D, d_ff=F, num_experts=ctx.ep_size + 1, top_k=1)
+            ep.MoE(bad, ep_group=ctx.ep_group)
+            raise AssertionError("num_experts not divisible by ep_size was accepted")
+        except ValueError as err:
+            assert "num_experts" in str(err)
+    for name in args.cases:
+        run_case(ctx, name)
+        if ctx.rank == 0:
+            print(f"ok {name}", flush=True)
+    train_steps(ctx)
+    if ctx.rank == 0:
+        print(f"ALL OK {len(args.cases) + 1}", flush=True)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
