@@ -87,3 +87,23 @@ def test_state_dict_keys_and_shapes() -> None:
     assert {k: tuple(v.shape) for k, v in dense.items()} == {
         "w_in": (D, F), "w_gate": (D, F), "w_out": (F, D), "b_in": (F,), "b_gate": (F,),
         "b_out": (D,)}
+
+
+def test_full_state_dict_round_trip_and_bad_state_dicts() -> None:
+    cfg = ep.MoEConfig(d_model=8, d_ff=16, num_experts=4, bias=True)
+    torch.manual_seed(0)
+    src = ep.MoE(cfg)
+    dst = ep.MoE(cfg)
+    dst.load_full_state_dict(src.full_state_dict())
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+    good = src.state_dict()
+    missing = {k: v for k, v in good.items() if k != "experts.w_out"}
+    with pytest.raises(ValueError, match=r"missing keys \['experts.w_out'\]"):
+        dst.load_full_state_dict(missing)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+        dst.load_full_state_dict({**good, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"'experts.w_in' has shape \(3, 8, 16\), expected \(4, 8, 16\)"):
+        dst.load_full_state_dict({**good, "experts.w_in": good["experts.w_in"][:3]})
+    with pytest.raises(ValueError, match="router.weight"):
+        dst.load_full_state_dict({**good, "router.weight": torch.zeros(4, 9)})
