@@ -8,8 +8,9 @@ Shape suffixes (a tensor's name ends in the letters of its dimensions):
 """
 
 from .config import MoEConfig
+from .deepspeed_support import prepare_for_deepspeed
 from .dispatch import CommReport
-from .distributed import DistContext, detect_launcher, init_distributed
+from .distributed import DistContext, LaunchEnv, detect_launcher, init_distributed, launch_env
 from .experts import FeedForward
 from .grads import clip_grad_norm_, grad_norm, sync_gradients
 from .layer import MoE
@@ -34,6 +35,7 @@ __all__ = [
     "ExpertChoiceOutput",
     "ExpertChoiceRouter",
     "FeedForward",
+    "LaunchEnv",
     "MoE",
     "MoEAux",
     "MoEConfig",
@@ -49,5 +51,7 @@ __all__ = [
     "detect_launcher",
     "grad_norm",
     "init_distributed",
+    "launch_env",
+    "prepare_for_deepspeed",
     "sync_gradients",
 ]

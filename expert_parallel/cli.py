@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 
 import torch
 
 from . import __version__, demo
+from .distributed import default_backend, launch_env
+
+
+def _version(module: str) -> str:
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception:  # not installed, or fails to import on this machine
+        return "not installed"
 
 
 def info() -> str:
-    """Versions and devices, for bug reports."""
+    """Launcher, backend, devices and versions, for bug reports (starts no process group)."""
+    launch = launch_env()
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return "\n".join([
         f"expert_parallel {__version__}",
+        f"launcher {launch.launcher} (rank {launch.rank} of {launch.world_size}, local rank "
+        f"{launch.local_rank})",
+        f"backend {default_backend(launch.local_world_size)} (default for this process)",
+        f"cuda devices {cuda}",
         f"python {platform.python_version()}",
         f"torch {torch.__version__}",
-        f"cuda devices {cuda}",
-        f"distributed available {torch.distributed.is_available()}",
+        f"deepspeed {_version('deepspeed')}",
+        f"mpi4py {_version('mpi4py')}",
     ])
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
 from .config import MoEConfig
-from .distributed import init_distributed
+from .deepspeed_support import prepare_for_deepspeed
+from .distributed import DistContext, init_distributed
 from .experts import FeedForward
 from .grads import sync_gradients
 from .layer import MoE
@@ -38,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ep-size", type=int, default=None,
                         help="expert-parallel size (default: the world size)")
+    parser.add_argument("--deepspeed", metavar="CONFIG", default=None,
+                        help="train with DeepSpeed's engine using this ds_config.json")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
 
 
 def _factor(text: str) -> float | None:
@@ -54,6 +59,39 @@ def format_stats(step: int, loss: float, aux: MoEAux) -> str:
             f"imbalance {imbalance:.2f}  counts {aux.expert_counts.tolist()}")
 
 
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, MoEAux]]
+
+
+def make_step(moe: MoE, ctx: DistContext, args: argparse.Namespace) -> StepFn:
+    """One training step: the plain path (sync_gradients + AdamW) or DeepSpeed's engine."""
+    if args.deepspeed:
+        import deepspeed  # optional dependency
+
+        deepspeed.init_distributed(dist_backend=ctx.backend)  # adopts our process group
+        groups = prepare_for_deepspeed(moe, ctx)
+        engine, *_ = deepspeed.initialize(model=moe, config=args.deepspeed,
+                                          optimizer=torch.optim.AdamW(groups, lr=args.lr))
+
+        def ds_step(x_BLD: torch.Tensor, target_BLD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+            y_BLD, aux = engine(x_BLD)
+            loss = torch.nn.functional.mse_loss(x_BLD + y_BLD, target_BLD)
+            engine.backward(loss + aux.loss)
+            engine.step()
+            return loss, aux
+        return ds_step
+    optimizer = torch.optim.AdamW(moe.parameters(), lr=args.lr)
+
+    def step(x_BLD: torch.Tensor, target_BLD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        y_BLD, aux = moe(x_BLD)
+        loss = torch.nn.functional.mse_loss(x_BLD + y_BLD, target_BLD)
+        optimizer.zero_grad()
+        (loss + aux.loss).backward()
+        sync_gradients(moe, ctx)
+        optimizer.step()
+        return loss, aux
+    return step
+
+
 def run(args: argparse.Namespace) -> float:
     """Trains the demo block; returns the final task loss (rank 0's, averaged over ranks)."""
     ctx = init_distributed(ep_size=args.ep_size)
@@ -63,21 +101,17 @@ def run(args: argparse.Namespace) -> float:
                     slots_per_expert=args.slots_per_expert, activation=args.activation)
     moe = MoE(cfg, ep_group=ctx.ep_group)
     teacher = FeedForward(cfg.d_model, 4 * cfg.d_ff, activation="relu").requires_grad_(False)
-    optimizer = torch.optim.AdamW(moe.parameters(), lr=args.lr)
+    step_fn = make_step(moe, ctx, args)
     say = print if ctx.rank == 0 else (lambda *a, **k: None)
     say(f"MoE: {cfg.num_experts} experts, top-{cfg.top_k} {cfg.router} routing, capacity factor "
-        f"{cfg.capacity_factor}; {ctx.world_size} rank(s) launched by {ctx.launcher}, ep_size "
+        f"{cfg.capacity_factor}; {ctx.world_size} rank(s) launched by {ctx.launcher}"
+        f"{' (DeepSpeed engine)' if args.deepspeed else ''}, ep_size "
         f"{ctx.ep_size}, dp_size {ctx.dp_size}, {moe.experts.num_local} expert(s) per rank")
     data = torch.Generator().manual_seed(args.seed + 1 + ctx.rank)  # each rank its own batches
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(1, args.steps + 1):
         x_BLD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, generator=data)
-        y_BLD, aux = moe(x_BLD)
-        loss = torch.nn.functional.mse_loss(x_BLD + y_BLD, teacher(x_BLD))
-        optimizer.zero_grad()
-        (loss + aux.loss).backward()
-        sync_gradients(moe, ctx)
-        optimizer.step()
+        loss, aux = step_fn(x_BLD, teacher(x_BLD))
         mean_loss = loss.detach().clone()
         torch.distributed.all_reduce(mean_loss)  # NOTE: collective (for the printout)
         loss_value = mean_loss.item() / ctx.world_size

@@ -8,6 +8,7 @@ groups are {0, 1} and {2, 3} and the DP groups (ranks holding the same experts) 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,7 +32,7 @@ class DistContext:
         ep_rank / dp_rank: coordinates in the (dp, ep) mesh.
         ep_group: the ranks that share one copy of the experts (consecutive ranks).
         dp_group: the ranks that hold the same experts.
-        launcher: what started the process ("torchrun" or "none").
+        launcher: what started the process: "torchrun", "deepspeed", "mpi", "slurm" or "none".
         backend: the process-group backend ("gloo" or "nccl").
         mesh: the 2-D DeviceMesh with dims ("dp", "ep").
     """
@@ -51,15 +52,116 @@ class DistContext:
     mesh: DeviceMesh
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process: its coordinates and where rank 0 listens.
+
+    master_addr / master_port are None where the launcher leaves the rendezvous to torch (torchrun,
+    DeepSpeed: MASTER_ADDR / MASTER_PORT are already in the environment) or to MPI (chosen on rank 0).
+    """
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+_MPI_VARS = (  # (rank, size, local rank, local size) as Open MPI, MPICH/Hydra and PMIx name them
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
+)
+
+
 def detect_launcher(env: dict[str, str] | None = None) -> str:
-    """Names what started this process from its environment: "torchrun" or "none"."""
+    """Names what started this process: "torchrun", "deepspeed", "mpi", "slurm" or "none".
+
+    Checked in this order: torch elastic (TORCHELASTIC_RUN_ID, or RANK and WORLD_SIZE without the
+    DeepSpeed launcher's CROSS_RANK), the DeepSpeed launcher (RANK with CROSS_RANK / LOCAL_SIZE), MPI
+    (OMPI_*, PMI_* or PMIX_* rank variables), SLURM's srun (SLURM_PROCID with a job step), none.
+    """
     env = dict(os.environ) if env is None else env
-    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env):
+    if "TORCHELASTIC_RUN_ID" in env:
         return "torchrun"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "deepspeed" if "CROSS_RANK" in env or "LOCAL_SIZE" in env else "torchrun"
+    if any(names[0] in env for names in _MPI_VARS):
+        return "mpi"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and (
+            "SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        return "slurm"
     return "none"
 
 
-def _default_backend(local_world_size: int) -> str:
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "node[003-005,9],gpu1" -> "node003"."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # first top-level comma ends the first entry
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    if "[" not in entry:
+        return entry
+    prefix, rest = entry.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    return int(env[name]) if name in env else default
+
+
+def launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
+    """Reads this process's coordinates from the environment of the launcher that started it."""
+    env = dict(os.environ) if env is None else env
+    launcher = detect_launcher(env)
+    if launcher in ("torchrun", "deepspeed"):
+        local = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", _int(env, "WORLD_SIZE", 1)))
+        return LaunchEnv(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]),
+                         _int(env, "LOCAL_RANK", 0), local)
+    if launcher == "mpi":
+        rank_v, size_v, local_v, local_size_v = next(v for v in _MPI_VARS if v[0] in env)
+        return LaunchEnv("mpi", int(env[rank_v]), int(env[size_v]), _int(env, local_v, 0),
+                         _int(env, local_size_v, 1), env.get("MASTER_ADDR"),
+                         int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
+    if launcher == "slurm":
+        world = int(env["SLURM_NTASKS"])
+        nodes = _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1))
+        # A port every task derives alike from the job id, unless MASTER_PORT says otherwise.
+        port = _int(env, "MASTER_PORT", 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000)
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST")
+                                                            or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return LaunchEnv("slurm", int(env["SLURM_PROCID"]), world, _int(env, "SLURM_LOCALID", 0),
+                         _int(env, "SLURM_NTASKS_PER_NODE", max(world // max(nodes, 1), 1)), addr, port)
+    return LaunchEnv("none", 0, 1, 0, 1)
+
+
+def _mpi_rendezvous(launch: LaunchEnv) -> tuple[str, int]:
+    """MASTER_ADDR and a free port chosen on rank 0 and broadcast over MPI (mpi4py)."""
+    if launch.master_addr is not None and launch.master_port is not None:
+        return launch.master_addr, launch.master_port
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise RuntimeError("started by mpirun/mpiexec but mpi4py is not installed: install mpi4py, "
+                           "or set MASTER_ADDR and MASTER_PORT for every rank") from err
+    address = None
+    if launch.rank == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))  # a free port, so concurrent jobs on one host do not collide
+            address = (launch.master_addr or socket.gethostname(),
+                       sock.getsockname()[1])
+    host, port = MPI.COMM_WORLD.bcast(address, root=0)  # NOTE: collective (MPI broadcast)
+    return host, int(port)
+
+
+def default_backend(local_world_size: int) -> str:
     """NCCL when each local rank can have its own CUDA device, else gloo."""
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size:
         return "nccl"
@@ -70,20 +172,28 @@ def _as_timedelta(timeout: timedelta | float) -> timedelta:
     return timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
 
 
-def _init_default_group(launcher: str, backend: str | None, timeout: timedelta) -> str:
+def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedelta) -> str:
     """Creates the default process group (or adopts an existing one); returns its backend."""
     if dist.is_initialized():
         return str(dist.get_backend())
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    backend = backend or _default_backend(local_world)
+    backend = backend or default_backend(launch.local_world_size)
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if launcher == "none":
+        torch.cuda.set_device(launch.local_rank)
+    if launch.launcher == "none":
         # Single-process debug mode: a world of one, so the same code paths (and collectives) run.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
-    else:
-        dist.init_process_group(backend, timeout=timeout)  # NOTE: rendezvous (env://)
+        return backend
+    if launch.launcher in ("mpi", "slurm"):
+        addr, port = (_mpi_rendezvous(launch) if launch.launcher == "mpi"
+                      else (launch.master_addr, launch.master_port))
+        # Published for code that reads the usual variables (and for env:// below).
+        os.environ.update(MASTER_ADDR=str(addr), MASTER_PORT=str(port), RANK=str(launch.rank),
+                          WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
+    # torchrun and DeepSpeed: env:// reuses the launcher's rendezvous (under torchrun its agent's
+    # store), rather than building a second store that can hang at start-up.
+    dist.init_process_group(backend, init_method="env://", rank=launch.rank,  # NOTE: rendezvous
+                            world_size=launch.world_size, timeout=timeout)
     return backend
 
 
@@ -91,8 +201,10 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
                      timeout: timedelta | float = DEFAULT_TIMEOUT) -> DistContext:
     """Initialises torch.distributed for expert parallelism and returns the :class:`DistContext`.
 
-    Works under torchrun (its environment variables) and with no launcher at all (a single process,
-    world size 1). An already initialised default process group is adopted.
+    Works under torchrun (one or several nodes), the DeepSpeed launcher, mpirun / mpiexec (ranks from
+    the MPI environment, rendezvous on rank 0's host with a free port broadcast over mpi4py), SLURM's
+    srun, and with no launcher at all (a single process, world size 1). An already initialised default
+    process group (e.g. from ``deepspeed.init_distributed``) is adopted, not re-created.
 
     Args:
         ep_size: ranks per expert-parallel group; defaults to the world size. Must divide it.
@@ -102,21 +214,21 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
     Raises:
         ValueError: ep_size is not a positive divisor of the world size.
     """
-    launcher = detect_launcher()
-    backend = _init_default_group(launcher, backend, _as_timedelta(timeout))
+    launch = launch_env()
+    backend = _init_default_group(launch, backend, _as_timedelta(timeout))
     world, rank = dist.get_world_size(), dist.get_rank()
     ep = world if ep_size is None else ep_size
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or world % ep:
         raise ValueError(f"ep_size={ep_size!r} is invalid: expected a positive divisor of the world "
                          f"size {world}")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launch.local_rank
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     # NOTE: collective: device_mesh creates the dp and ep sub-groups on every rank.
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     return DistContext(
         rank=rank, world_size=world, local_rank=local_rank, device=device, ep_size=ep,
         dp_size=world // ep, ep_rank=rank % ep, dp_rank=rank // ep, ep_group=mesh.get_group("ep"),
-        dp_group=mesh.get_group("dp"), launcher=launcher, backend=backend, mesh=mesh)
+        dp_group=mesh.get_group("dp"), launcher=launch.launcher, backend=backend, mesh=mesh)
 
 
 def group_size_and_rank(group: ProcessGroup | None) -> tuple[int, int]:

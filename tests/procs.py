@@ -12,22 +12,32 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
 
 
-def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
-    """Runs cmd in its own session; on timeout kills the whole process group. Returns stdout.
+def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | None = None) -> list[str]:
+    """Starts several commands at once (e.g. two node agents), each in its own session, and waits.
 
-    Fails the test (AssertionError with the output's tail) on a non-zero exit or a timeout.
+    On timeout every process group is killed. Fails the test (AssertionError with the output's tail)
+    on a non-zero exit or a timeout. Returns each command's output (stdout and stderr).
     """
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**base, **(envs[i] if envs else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for i, cmd in enumerate(cmds)]
+    outs: list[str] = []
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-6000:]}") from None
-    assert proc.returncode == 0, f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
-    return out
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        tails = "\n".join(p.communicate()[0][-3000:] for p in procs)
+        raise AssertionError(f"timed out after {timeout}s: {cmds}\n{tails}") from None
+    for cmd, p, out in zip(cmds, procs, outs, strict=True):
+        assert p.returncode == 0, f"exit {p.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
+    return outs
+
+
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    """One command under the watchdog of run_all; returns its output."""
+    return run_all([cmd], timeout, [env or {}])[0]
 
 
 def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> str:

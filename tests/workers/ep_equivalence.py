@@ -214,9 +214,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ep-size", type=int, required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--launcher", default="torchrun", help="the launcher this run expects")
+    parser.add_argument("--local_rank", type=int, default=None)  # the DeepSpeed launcher passes it
     args = parser.parse_args()
     ctx = ep.init_distributed(ep_size=args.ep_size, timeout=120)
-    assert ctx.launcher == "torchrun" and ctx.backend == "gloo"
+    assert ctx.launcher == args.launcher and ctx.backend == "gloo", (ctx.launcher, ctx.backend)
     assert ctx.world_size == ctx.ep_size * ctx.dp_size
     if ctx.ep_size > 1:
         try:
@@ -231,7 +233,7 @@ def main() -> int:
             print(f"ok {name}", flush=True)
     train_steps(ctx)
     if ctx.rank == 0:
-        print(f"ALL OK {len(args.cases) + 1}", flush=True)
+        print(f"ALL OK {len(args.cases) + 1} under {ctx.launcher} with {ctx.world_size} ranks", flush=True)
     torch.distributed.destroy_process_group()
     return 0
 
