@@ -7,6 +7,14 @@ Shape suffixes (a tensor's name ends in the letters of its dimensions):
     rank's experts, M assignments before drops, R ranks in the expert-parallel group.
 """
 
+from . import checkpoint
+from .checkpoint import (
+    export_single_device,
+    import_single_device,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import MoEConfig
 from .deepspeed_support import prepare_for_deepspeed
 from .dispatch import CommReport
@@ -47,11 +55,17 @@ __all__ = [
     "TopKRouter",
     "__version__",
     "check_causal_routing",
+    "checkpoint",
     "clip_grad_norm_",
     "detect_launcher",
+    "export_single_device",
     "grad_norm",
+    "import_single_device",
     "init_distributed",
+    "latest_checkpoint",
     "launch_env",
+    "load_checkpoint",
     "prepare_for_deepspeed",
+    "save_checkpoint",
     "sync_gradients",
 ]

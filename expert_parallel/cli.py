@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from . import __version__, demo
+from . import __version__, compare, demo
+from . import train as train_lm
 from .distributed import default_backend, launch_env
 
 
@@ -42,10 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expert-parallel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(sub.add_parser("demo", help="train one MoE block on random data"))
+    train_parser = sub.add_parser("train", help="train an MoE language model (expert-parallel)")
+    train_lm.add_arguments(train_parser)
+    compare_parser = sub.add_parser("compare", help="dense vs MoE variants at equal active parameters")
+    compare.add_arguments(compare_parser)
     sub.add_parser("info", help="print versions and devices")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "train":
+        train_lm.train(args)
+    elif args.command == "compare":
+        compare.compare(args)
     else:
         demo.run(args)
     return 0

@@ -190,11 +190,27 @@ def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedel
         # Published for code that reads the usual variables (and for env:// below).
         os.environ.update(MASTER_ADDR=str(addr), MASTER_PORT=str(port), RANK=str(launch.rank),
                           WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
-    # torchrun and DeepSpeed: env:// reuses the launcher's rendezvous (under torchrun its agent's
-    # store), rather than building a second store that can hang at start-up.
+    if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend, store=_elastic_store(launch, timeout), rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout)
+        return backend
+    # DeepSpeed, MPI, SLURM (and torchrun without an agent store): env:// rendezvous.
     dist.init_process_group(backend, init_method="env://", rank=launch.rank,  # NOTE: rendezvous
                             world_size=launch.world_size, timeout=timeout)
     return backend
+
+
+def _elastic_store(launch: LaunchEnv, timeout: timedelta) -> dist.Store:
+    """torchrun's agent store, as a client, under a prefix per restart attempt.
+
+    Reusing the launcher's store (not building a second one, which can hang at start-up) while giving
+    every restart attempt its own key space: a restarted gloo job that reads the previous attempt's
+    keys may try to connect to dead workers.
+    """
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           launch.world_size, is_master=False, timeout=timeout)  # NOTE: rendezvous
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"expert_parallel/attempt_{attempt}", client)
 
 
 def init_distributed(ep_size: int | None = None, backend: str | None = None,

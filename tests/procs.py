@@ -40,8 +40,9 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> st
     return run_all([cmd], timeout, [env or {}])[0]
 
 
-def torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> str:
-    """torchrun --standalone with nproc local ranks on gloo."""
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 300) -> str:
+    """torchrun --standalone with nproc local ranks on gloo; a bare name is a tests/workers script."""
+    path = script if isinstance(script, Path) else WORKERS / script
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), str(WORKERS / script), *args]
+           str(nproc), str(path), *args]
     return run(cmd, timeout)

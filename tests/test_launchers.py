@@ -6,6 +6,7 @@ the worker asserts that init_distributed named the launcher that really started 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -194,3 +195,21 @@ def test_launch_scripts_run_the_same_example_with_the_same_numbers() -> None:
     assert "1 rank(s) launched by none" in single and _last_step(single)
     syntax = subprocess.run(["bash", "-n", "launch/slurm.sbatch"], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+def test_train_lm_runs_unchanged_under_mpiexec_and_deepspeed(tmp_path) -> None:
+    """The main job under the other launchers gives torchrun's numbers."""
+    from tests.procs import ROOT, torchrun
+
+    args = ["--steps", "4", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "4",
+            "--seq-len", "32", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--no-plots"]
+    script = str(ROOT / "examples" / "train_lm.py")
+    torchrun(2, ROOT / "examples" / "train_lm.py", *args, "--out", str(tmp_path / "torchrun"))
+    run([require("mpiexec"), "-n", "2", sys.executable, script, *args, "--out", str(tmp_path / "mpi")],
+        timeout=300)
+    run([require("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, *args,
+         "--out", str(tmp_path / "deepspeed")], timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    finals = {name: (tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]
+              for name in ("torchrun", "mpi", "deepspeed")}
+    losses = {name: json.loads(line)["loss"] for name, line in finals.items()}
+    assert max(losses.values()) - min(losses.values()) < 1e-5, losses

@@ -1,0 +1,208 @@
+"""Checkpoints that survive layout changes and crashes (torch.distributed.checkpoint).
+
+Format: a directory per step written by ``torch.distributed.checkpoint`` (DCP) with
+- ``model``: every parameter under its name. Expert tensors are DTensors on the (dp, ep) mesh with
+  placements (Replicate, Shard(0)): DCP stores them as the single-device [E, ...] tensor, whatever the
+  layout that wrote them, and reshards them into whatever layout loads them;
+- ``optim``: optimizer state keyed by parameter name. An expert parameter's moments (any state tensor
+  shaped like the parameter) are sharded the same way, so they follow their experts;
+- ``meta``: the step and whatever the caller adds (data position, metrics state).
+Per-rank RNG states go beside it (``rng_rank{r}_of{W}.pt``) and are restored when the world size
+matches (exact resume); a run resumed in another layout reseeds instead.
+
+Atomicity: a checkpoint is written to ``step_N.tmp`` and renamed to ``step_N`` once every rank has
+finished; then ``latest`` is replaced atomically (write + rename). A process killed mid-save leaves
+``latest`` pointing at the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .distributed import DistContext
+from .grads import split_parameters
+from .layer import MoE
+
+
+def _expert_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in split_parameters(model)[1]}
+
+
+def _shard(local: Tensor, ctx: DistContext) -> DTensor:
+    """This rank's expert rows as a slice of the single-device tensor (sharded over ep)."""
+    return DTensor.from_local(local, ctx.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+    """Parameters and buffers by name; expert tensors as DTensors sharing the parameters' storage."""
+    experts = _expert_ids(model)
+    state: dict[str, Tensor] = {n: b for n, b in model.named_buffers()}
+    for name, p in model.named_parameters():
+        state[name] = _shard(p.detach(), ctx) if id(p) in experts else p.detach()
+    return state
+
+
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates the state of a fresh optimizer (one step with zero grads and lr 0) so it can be loaded."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if optimizer.state and all(p in optimizer.state for p in params):
+        return
+    if optimizer.state:
+        raise ValueError("optimizer has state for some parameters only; load into a fresh optimizer")
+    saved = [(g["lr"], g.get("weight_decay")) for g in optimizer.param_groups]
+    grads = [p.grad for p in params]
+    for g in optimizer.param_groups:
+        g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], Tensor) else 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # lr 0: parameters unchanged; loading overwrites the state it creates
+    for g, (lr, _) in zip(optimizer.param_groups, saved, strict=True):
+        g["lr"] = lr
+    for p, grad in zip(params, grads, strict=True):
+        p.grad = grad
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: DistContext) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name; expert-shaped state tensors sharded like experts."""
+    ensure_optimizer_state(optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    experts = _expert_ids(model)
+    state: dict[str, Any] = {}
+    for p, entries in optimizer.state.items():
+        for key, value in entries.items():
+            sharded = id(p) in experts and isinstance(value, Tensor) and value.shape == p.shape
+            state[f"{names[id(p)]}.{key}"] = _shard(value, ctx) if sharded else value
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_file(path: Path, ctx: DistContext) -> Path:
+    return path / f"rng_rank{ctx.rank}_of{ctx.world_size}.pt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    ctx: DistContext, step: int, meta: dict[str, Any] | None = None) -> Path:
+    """Saves model, optimizer, step, RNG states and ``meta`` as ``directory/step_{step}``.
+
+    Every rank calls it. Returns the checkpoint's path. ``directory/latest`` names it once it is complete.
+    """
+    directory = Path(directory)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f"step_{step:08d}.tmp"
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+        tmp.mkdir(parents=True)
+    dist.barrier()  # NOTE: collective
+    state: dict[str, Any] = {"model": model_state(model, ctx), "meta": {"step": step, **(meta or {})}}
+    if optimizer is not None:
+        state["optim"] = optimizer_state(optimizer, model, ctx)
+    dcp.save(state, checkpoint_id=tmp)  # NOTE: collective (every rank writes its shards)
+    torch.save({"torch": torch.get_rng_state()}, _rng_file(tmp, ctx))
+    dist.barrier()  # NOTE: collective: all shards are written before the rename
+    if ctx.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(directory / "latest", final.name)
+    dist.barrier()  # NOTE: collective
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The last complete checkpoint in ``directory`` (what ``latest`` names), or None."""
+    pointer = Path(directory) / "latest"
+    if not pointer.exists():
+        return None
+    return Path(directory) / pointer.read_text().strip()
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    ctx: DistContext, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loads a checkpoint (any layout) into ``model`` / ``optimizer`` in this layout; returns meta.
+
+    ``meta`` is a template of the caller's extra entries (tensors are filled in place). The RNG state
+    of this rank is restored when the checkpoint was written with the same world size.
+    """
+    path = Path(path)
+    state: dict[str, Any] = {"model": model_state(model, ctx), "meta": {"step": 0, **(meta or {})}}
+    if optimizer is not None:
+        state["optim"] = optimizer_state(optimizer, model, ctx)
+    dcp.load(state, checkpoint_id=path)  # NOTE: collective; fills the tensors above in place
+    if optimizer is not None:
+        _restore_hyperparameters(optimizer, state["optim"]["param_groups"])
+    if _rng_file(path, ctx).exists():
+        torch.set_rng_state(torch.load(_rng_file(path, ctx))["torch"])
+    loaded: dict[str, Any] = state["meta"]
+    return loaded
+
+
+def _restore_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(groups)} optimizer param groups, this optimizer "
+                         f"{len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+# ---- single-device export / import ----
+def _moe_modules(model: nn.Module) -> dict[str, MoE]:
+    return {f"{name}." if name else "": m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's single-device state dict: every MoE's experts gathered (a collective)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for prefix, moe in _moe_modules(model).items():
+        state.update({prefix + k: v for k, v in moe.full_state_dict().items()})
+    return state
+
+
+def export_single_device(model: nn.Module, path: str | Path, ctx: DistContext) -> None:
+    """Writes the single-device state dict to one file (torch.save, on rank 0, atomically)."""
+    state = full_state_dict(model)
+    if ctx.rank == 0:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    dist.barrier()  # NOTE: collective
+
+
+def import_single_device(model: nn.Module, path: str | Path) -> None:
+    """Loads a single-device state dict file into ``model`` in any layout (each rank its slice)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    moes = _moe_modules(model)
+    for prefix, moe in moes.items():
+        moe.load_full_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                  if k.startswith(prefix) and _owner(k, moes) == prefix})
+    rest = {k: v for k, v in state.items() if _owner(k, moes) is None}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if _owner(k, moes) is None]
+    if missing or unexpected:
+        raise ValueError(f"single-device state dict mismatch: missing {missing}, unexpected {unexpected}")
+
+
+def _owner(key: str, moes: dict[str, MoE]) -> str | None:
+    """The prefix of the MoE module that owns ``key`` (longest match), or None."""
+    owners = [p for p in moes if key.startswith(p) and p]
+    if "" in moes:
+        owners.append("")
+    return max(owners, key=len) if owners else None

@@ -1,0 +1,76 @@
+"""PNG plots of a training run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[float]]) -> list[Path]:
+    """loss.png, and for MoE runs expert_load.png, dropped.png and traffic.png; returns the paths."""
+    paths = [_loss(out, records)]
+    if records and "expert_counts" in records[0]:
+        paths += [_expert_load(out, records), _dropped(out, records), _traffic(out, traffic)]
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _loss(out: Path, records: list[dict[str, Any]]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="training")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "loss.png")
+
+
+def _expert_load(out: Path, records: list[dict[str, Any]]) -> Path:
+    layers = len(records[0]["expert_counts"])
+    fig, axes = plt.subplots(layers, 1, figsize=(7, 1.8 * layers + 0.8), squeeze=False)
+    steps = [r["step"] for r in records]
+    for layer, ax in enumerate(axes[:, 0]):
+        rows = [r["expert_counts"][layer] for r in records]
+        share = [[c / max(sum(row), 1) for c in row] for row in rows]
+        image = ax.imshow(list(zip(*share, strict=True)), aspect="auto", cmap="viridis",
+                          extent=(steps[0], steps[-1], len(share[0]) - 0.5, -0.5), interpolation="nearest")
+        ax.set(ylabel=f"MoE layer {layer}\nexpert")
+        fig.colorbar(image, ax=ax, label="share of tokens")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title("Expert load per layer (share of kept assignments)")
+    return _save(fig, out / "expert_load.png")
+
+
+def _dropped(out: Path, records: list[dict[str, Any]]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([r["step"] for r in records], [r["dropped"] for r in records], lw=1)
+    ax.set(xlabel="step", ylabel="dropped fraction", title="Dropped assignments (mean over MoE layers)")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "dropped.png")
+
+
+def _traffic(out: Path, traffic: list[list[float]]) -> Path:
+    world = len(traffic)
+    fig, ax = plt.subplots(figsize=(1.2 * world + 3, 1.0 * world + 2.5))
+    mib = [[v / 2**20 for v in row] for row in traffic]
+    image = ax.imshow(mib, cmap="magma")
+    for i in range(world):
+        for j in range(world):
+            ax.text(j, i, f"{mib[i][j]:.1f}", ha="center", va="center", color="tab:cyan")
+    ax.set(xticks=range(world), yticks=range(world), xlabel="to rank", ylabel="from rank",
+           title="All-to-all traffic (MiB, dispatch + combine)")
+    fig.colorbar(image, ax=ax, label="MiB")
+    return _save(fig, out / "traffic.png")

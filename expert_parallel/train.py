@@ -1,0 +1,271 @@
+"""Train a byte-level Mixture-of-Experts language model, expert-parallel, with metrics and plots.
+
+    torchrun --standalone --nproc-per-node 2 examples/train_lm.py --ep-size 2 --steps 300
+    python examples/train_lm.py --steps 50                     # one process, same numbers
+
+The default corpus is the documentation text that ships with every CPython (``pydoc_data.topics``).
+Every rank draws the same global batch from one seeded generator and trains on its slice, so runs
+with different layouts see the same data and (routing one sequence per group) compute the same
+losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from .checkpoint import export_single_device, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import MoEConfig
+from .distributed import DistContext, init_distributed
+from .grads import clip_grad_norm_, sync_gradients
+from .lm import LanguageModel, LMConfig
+from .losses import MoEAux
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training command's options."""
+    add = parser.add_argument
+    add("--data", type=Path, default=None, help="a text file (default: CPython's pydoc_data.topics)")
+    add("--out", type=Path, default=Path("runs/train_lm"), help="run directory")
+    add("--ffn", choices=("dense", "moe"), default="moe")
+    add("--router", default="topk")
+    add("--top-k", type=int, default=2)
+    add("--num-experts", type=int, default=8)
+    add("--capacity-factor", type=lambda t: None if t.lower() == "none" else float(t), default=1.25,
+        help="a positive number, or 'none' for dropless")
+    add("--d-ff", type=int, default=512,
+        help="active FFN width per token: dense width; experts get d_ff / (experts per token)")
+    add("--moe-every", type=int, default=1)
+    add("--d-model", type=int, default=128)
+    add("--n-layers", type=int, default=4)
+    add("--n-heads", type=int, default=4)
+    add("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
+    add("--steps", type=int, default=600)
+    add("--batch-size", type=int, default=16, help="global batch, sequences per step")
+    add("--seq-len", type=int, default=128)
+    add("--lr", type=float, default=2e-3)
+    add("--seed", type=int, default=0)
+    add("--eval-every", type=int, default=50)
+    add("--eval-batches", type=int, default=4)
+    add("--log-every", type=int, default=25)
+    add("--no-plots", action="store_true")
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    add("--resume", action="store_true", help="continue from the latest checkpoint, if there is one")
+    add("--ckpt-dir", type=Path, default=None, help="checkpoint directory (default: OUT/checkpoints)")
+    add("--export", type=Path, default=None, help="write the single-device state dict here at the end")
+    add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher
+
+
+# ---- data ----
+def load_corpus(path: Path | None) -> Tensor:
+    """Bytes of the corpus as uint8: the file, or CPython's bundled pydoc topics."""
+    if path is not None:
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def get_batch(data: Tensor, batch: int, seq_len: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random windows: inputs and next-byte targets, int64 [batch, seq_len]."""
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=gen)
+    window = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long()
+    return window[:, :-1], window[:, 1:]
+
+
+def model_config(args: argparse.Namespace) -> LMConfig:
+    """LMConfig from the options: MoE experts sized so that active FFN parameters match dense."""
+    moe = None
+    if args.ffn == "moe":
+        per_token = args.top_k if args.router in ("topk", "noisy_topk") else 1
+        if args.router == "expert_choice":
+            per_token = max(1, round(args.capacity_factor or 1))
+        moe = MoEConfig(d_model=args.d_model, d_ff=max(1, args.d_ff // per_token),
+                        num_experts=args.num_experts, top_k=args.top_k, router=args.router,
+                        capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
+                        # per-position groups of expert choice hold only the local batch's tokens:
+                        # no floor above the formula, so experts per token = capacity factor
+                        min_capacity=1)
+    return LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                    max_seq_len=args.seq_len, d_ff=args.d_ff, moe=moe, moe_every=args.moe_every)
+
+
+# ---- metrics ----
+@dataclass
+class Traffic:
+    """All-to-all bytes between ranks, summed over steps and MoE layers: matrix[src][dst]."""
+
+    world: int
+    matrix: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.matrix = [[0.0] * self.world for _ in range(self.world)]
+
+    def add(self, sent_WR: Tensor, ep_size: int) -> None:
+        for src in range(self.world):
+            base = src // ep_size * ep_size
+            for peer in range(ep_size):
+                self.matrix[src][base + peer] += float(sent_WR[src, peer])
+
+
+def step_stats(ctx: DistContext, task: Tensor, auxes: list[MoEAux]) -> dict[str, Any]:
+    """World-wide statistics of one step.  NOTE: collectives (one all-reduce, one over dp, one gather)."""
+    scalars = [task.detach()]
+    for aux in auxes:
+        scalars += [aux.loss.detach(), aux.load_balance_loss.detach(), aux.z_loss.detach(),
+                    aux.dropped_fraction.detach().to(task.dtype)]
+    packed = torch.stack([s.float() for s in scalars])
+    dist.all_reduce(packed)
+    packed /= ctx.world_size
+    stats: dict[str, Any] = {"loss": packed[0].item()}
+    if auxes:
+        per_layer = packed[1:].view(len(auxes), 4)
+        stats.update(aux_loss=per_layer[:, 0].sum().item(), balance=per_layer[:, 1].mean().item(),
+                     z_loss=per_layer[:, 2].mean().item(), dropped=per_layer[:, 3].mean().item())
+        counts = torch.stack([a.expert_counts for a in auxes])  # global over the EP group
+        if ctx.dp_size > 1:
+            dist.all_reduce(counts, group=ctx.dp_group)  # ... and summed over the replicas
+        stats["expert_counts"] = counts.tolist()
+        loads = counts.float()
+        stats["imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).mean().item()
+        sent = torch.tensor([sum(a.comm.sent_bytes[q] for a in auxes if a.comm is not None)
+                             for q in range(ctx.ep_size)], dtype=torch.float64)
+        gathered = [torch.empty_like(sent) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, sent)
+        stats["sent_bytes"] = torch.stack(gathered)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, ctx: DistContext, val: Tensor, args: argparse.Namespace) -> float:
+    """Mean validation loss over fixed batches (same on every call), averaged over the world."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    local = args.batch_size // ctx.world_size
+    total = torch.zeros(())
+    for _ in range(args.eval_batches):
+        x, y = get_batch(val, args.batch_size, args.seq_len, gen)
+        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
+        total += model.loss(x[sl], y[sl])[0]
+    dist.all_reduce(total)  # NOTE: collective
+    model.train()
+    return total.item() / (ctx.world_size * args.eval_batches)
+
+
+def _line(rec: dict[str, Any]) -> str:
+    text = f"step {rec['step']:5d}  loss {rec['loss']:.4f}"
+    if "val_loss" in rec:
+        text += f"  val {rec['val_loss']:.4f}"
+    if "aux_loss" in rec:
+        text += (f"  aux {rec['aux_loss']:.4f} (balance {rec['balance']:.3f}, z {rec['z_loss']:.2f})"
+                 f"  dropped {rec['dropped']:.3f}  imbalance {rec['imbalance']:.2f}")
+    return text + f"  {rec['tokens_per_s']:,.0f} tok/s"
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the training; returns a summary (initial/final loss, validation loss, tokens/s)."""
+    ctx = init_distributed(ep_size=args.ep_size)
+    if args.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
+                         f"{ctx.world_size}")
+    data = load_corpus(args.data)
+    split = int(0.9 * data.numel())
+    train_data, val_data = data[:split], data[split:]
+    torch.manual_seed(args.seed)
+    model = LanguageModel(model_config(args), ep_group=ctx.ep_group)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed + 1)  # same global batches on every rank
+    local, leader = args.batch_size // ctx.world_size, ctx.rank == 0
+    out: Path = args.out
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
+        tqdm.write(f"{len(data):,} bytes of text; {ctx.world_size} rank(s) launched by {ctx.launcher}, "
+                   f"ep_size {ctx.ep_size}, dp_size {ctx.dp_size}; "
+                   f"{model.active_parameters_per_token():,} active parameters per token")
+    traffic, records = Traffic(ctx.world_size), list[dict[str, Any]]()
+    ckpt_dir: Path = args.ckpt_dir or out / "checkpoints"
+    first = resume(args, ckpt_dir, model, optimizer, ctx, gen, traffic, records) if args.resume else 1
+    if leader:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    bar = tqdm(range(first, args.steps + 1), disable=not leader, desc="train", unit="step",
+               initial=first - 1, total=args.steps)
+    for step in bar:
+        start = time.perf_counter()
+        x, y = get_batch(train_data, args.batch_size, args.seq_len, gen)
+        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
+        task, total, auxes = model.loss(x[sl], y[sl])
+        optimizer.zero_grad()
+        total.backward()
+        sync_gradients(model, ctx)
+        clip_grad_norm_(model, 1.0, ctx)
+        optimizer.step()
+        stats = step_stats(ctx, task, auxes)
+        elapsed = time.perf_counter() - start
+        rec = {"step": step, **{k: v for k, v in stats.items() if k != "sent_bytes"},
+               "tokens_per_s": args.batch_size * args.seq_len / elapsed}
+        if "sent_bytes" in stats:
+            traffic.add(stats["sent_bytes"], ctx.ep_size)
+        if step % args.eval_every == 0 or step == args.steps:
+            rec["val_loss"] = evaluate(model, ctx, val_data, args)
+        if leader:
+            records.append(rec)
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if step == 1 or step % args.log_every == 0 or "val_loss" in rec:
+                tqdm.write(_line(rec))
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(ckpt_dir, model, optimizer, ctx, step, meta={
+                "data_rng": gen.get_state(), "traffic": traffic.matrix})
+    summary = summarize(records, args, model.active_parameters_per_token()) if leader else {}
+    if leader and not args.no_plots:
+        from .plots import write_plots
+        write_plots(out, records, traffic.matrix)
+    if leader:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.export is not None:
+        export_single_device(model, args.export, ctx)
+    return summary
+
+
+def resume(args: argparse.Namespace, ckpt_dir: Path, model: LanguageModel,
+           optimizer: torch.optim.Optimizer, ctx: DistContext, gen: torch.Generator,
+           traffic: Traffic, records: list[dict[str, Any]]) -> int:
+    """Loads the latest checkpoint (any layout) and the metrics up to it; returns the next step."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return 1
+    meta = load_checkpoint(path, model, optimizer, ctx,
+                           meta={"data_rng": gen.get_state(), "traffic": traffic.matrix})
+    gen.set_state(meta["data_rng"])
+    if len(meta["traffic"]) == ctx.world_size:  # same world: keep counting the traffic
+        traffic.matrix = meta["traffic"]
+    metrics = args.out / "metrics.jsonl"
+    if ctx.rank == 0 and metrics.exists():
+        old = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        records.extend(r for r in old if r["step"] <= meta["step"])
+    if ctx.rank == 0:
+        tqdm.write(f"resumed from {path} (step {meta['step']})")
+    return int(meta["step"]) + 1
+
+
+def summarize(records: list[dict[str, Any]], args: argparse.Namespace,
+              active_parameters: int = 0) -> dict[str, Any]:
+    """Initial and final training loss (means of the first and last 10 steps), validation, speed."""
+    losses = [r["loss"] for r in records]
+    speeds = sorted(r["tokens_per_s"] for r in records[len(records) // 5:]) or [math.nan]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    return {"steps": len(records), "initial_loss": sum(losses[:10]) / len(losses[:10]),
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]), "val_loss": vals[-1] if vals else None,
+            "tokens_per_s_median": speeds[len(speeds) // 2], "ffn": args.ffn, "router": args.router,
+            "top_k": args.top_k, "num_experts": args.num_experts, "active_parameters": active_parameters}

@@ -1,0 +1,44 @@
+"""The main job: the LM trained expert-parallel under torchrun writes metrics and plots, its loss
+falls, and its loss curve equals the single-process run's on the same global batches."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tests.procs import ROOT, run, torchrun
+
+ARGS = ["--steps", "16", "--eval-every", "8", "--eval-batches", "2", "--batch-size", "8",
+        "--seq-len", "64", "--d-model", "64", "--n-layers", "2", "--log-every", "4"]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_train_write_metrics_and_plots_and_match_one_process(tmp_path: Path) -> None:
+    ep_out, single_out = tmp_path / "ep2", tmp_path / "single"
+    log = torchrun(2, ROOT / "examples" / "train_lm.py", *ARGS, "--ep-size", "2", "--out", str(ep_out))
+    assert "2 rank(s) launched by torchrun, ep_size 2" in log
+    for name in ("metrics.jsonl", "summary.json", "loss.png", "expert_load.png", "dropped.png",
+                 "traffic.png"):
+        path = ep_out / name
+        assert path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    ep_recs = records(ep_out)
+    assert [r["step"] for r in ep_recs] == list(range(1, 17))
+    assert sum(r["loss"] for r in ep_recs[-4:]) / 4 < ep_recs[0]["loss"] - 0.5  # the loss falls
+    assert all(len(r["expert_counts"]) == 2 and len(r["expert_counts"][0]) == 8 for r in ep_recs)
+    summary = json.loads((ep_out / "summary.json").read_text())
+    assert summary["final_loss"] < summary["initial_loss"]
+    # The same global batches in one process: the same loss curve (float tolerance).
+    run([sys.executable, str(ROOT / "examples" / "train_lm.py"), *ARGS, "--out", str(single_out),
+         "--no-plots"], timeout=300)
+    single = records(single_out)
+    for a, b in zip(ep_recs, single, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, b["loss"]), (a["step"], a["loss"], b["loss"])
+        assert a["expert_counts"] == b["expert_counts"], a["step"]
+        if "val_loss" in b:
+            assert abs(a["val_loss"] - b["val_loss"]) < 1e-4 * b["val_loss"]
