@@ -19,9 +19,10 @@ from .config import MoEConfig
 from .deepspeed_support import prepare_for_deepspeed
 from .dispatch import CommReport
 from .distributed import DistContext, LaunchEnv, detect_launcher, init_distributed, launch_env
+from .exchange import CollectiveError
 from .experts import FeedForward
 from .grads import clip_grad_norm_, grad_norm, sync_gradients
-from .layer import MoE
+from .layer import MoE, configure_debug
 from .losses import MoEAux
 from .routing import (
     ExpertChoiceOutput,
@@ -38,6 +39,7 @@ from .routing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollectiveError",
     "CommReport",
     "DistContext",
     "ExpertChoiceOutput",
@@ -57,6 +59,7 @@ __all__ = [
     "check_causal_routing",
     "checkpoint",
     "clip_grad_norm_",
+    "configure_debug",
     "detect_launcher",
     "export_single_device",
     "grad_norm",

@@ -78,8 +78,8 @@ class Dispatched:
 class Dispatcher(Protocol):
     """Moves routed token copies to the experts that own them and the outputs back."""
 
-    def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
-        """Rows of x for this rank's experts."""
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: Any = None) -> Dispatched:
+        """Rows of x for this rank's experts (``info``: the call, for error messages)."""
         ...
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
@@ -121,7 +121,7 @@ def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
 class LocalDispatcher:
     """Every expert on this device (expert-parallel size 1): gather, run, combine."""
 
-    def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: Any = None) -> Dispatched:
         """Rows of x for all E experts, sorted by expert."""
         rows_ND = gather_rows(x_TD, plan)
         report = CommReport("local", (rows_ND.shape[0],), (rows_ND.shape[0],), rows_ND.shape[-1],

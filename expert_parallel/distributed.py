@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -265,3 +266,22 @@ def all_gather_cat(x: Tensor, group: ProcessGroup) -> Tensor:
     parts = [x.new_empty((int(n.item()), *x.shape[1:])) for n in lengths]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
     return torch.cat(parts)
+
+
+def check_same_on_all_ranks(values: dict[str, Any], group: ProcessGroup, what: str) -> None:
+    """Raises ValueError naming the fields that differ between the ranks of ``group``.
+
+    One cheap collective at construction instead of a hang at the first exchange.
+    """
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, values, group=group)  # NOTE: collective
+    fields = sorted(k for k in values if any(other.get(k) != values[k] for other in everyone))
+    if fields:
+        ranks = dist.get_process_group_ranks(group)
+        per_rank = "; ".join(f"rank {ranks[q]}: " + ", ".join(f"{k}={everyone[q].get(k)!r}" for k in fields)
+                             for q in range(size))
+        raise ValueError(f"{what} differs between the ranks of the expert-parallel group in {fields} "
+                         f"({per_rank})")

@@ -15,8 +15,11 @@ The way back is the mirror image. Gradients flow through both exchanges (``_AllT
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,50 @@ from torch.distributed import ProcessGroup
 
 from .dispatch import CommReport, Dispatched, combine_rows, gather_rows
 from .plan import RoutingPlan
+
+T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective of an MoE call failed or timed out; the message says which layer, call and phase."""
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Which MoE call a collective belongs to, for error messages and opt-in debug checks.
+
+    Attributes:
+        layer: the layer's name (its qualified name in the model once ``ep.configure_debug`` ran).
+        call: the layer's call number (1, 2, ...).
+        check_splits: cross-check split sizes between ranks before every exchange (debug mode).
+    """
+
+    layer: str = "MoE"
+    call: int = 0
+    check_splits: bool = False
+
+
+def _unresponsive_ranks(group: ProcessGroup) -> str:
+    """On gloo, names the ranks that do not reach a monitored barrier (hung or dead), else ''."""
+    if dist.get_backend(group) != "gloo":
+        return ""
+    try:  # NOTE: collective (every rank whose exchange failed lands here)
+        dist.monitored_barrier(group, timeout=timedelta(seconds=10), wait_all_ranks=True)
+    except RuntimeError as err:
+        return f" [monitored barrier: {str(err).splitlines()[0]}]"
+    return ""
+
+
+def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Callable[[], T]) -> T:
+    """Runs one collective; a failure becomes a CollectiveError naming layer, call, phase, sizes."""
+    try:
+        return fn()
+    except RuntimeError as err:
+        if isinstance(err, CollectiveError):
+            raise
+        where = f"{info.layer} call {info.call}, {phase} ({detail}) on rank {dist.get_rank()}"
+        raise CollectiveError(f"{where} failed: {str(err).splitlines()[0]}"
+                              f"{_unresponsive_ranks(group)}") from err
 
 
 class _AllToAll(torch.autograd.Function):
@@ -36,26 +83,61 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, out_splits: list[int], in_splits: list[int],
-                group: ProcessGroup) -> Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+                group: ProcessGroup, info: CallInfo, phase: str) -> Tensor:
+        ctx.splits, ctx.group, ctx.info, ctx.phase = (out_splits, in_splits), group, info, phase
         out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
+        detail = f"sending rows {in_splits}, receiving {out_splits}"
         # NOTE: collective (all-to-all over the expert-parallel group).
-        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        guarded(info, phase, detail, group, lambda: dist.all_to_all_single(
+            out, x_ND.contiguous(), out_splits, in_splits, group=group))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
+        detail = f"sending gradient rows {out_splits}, receiving {in_splits}"
         # NOTE: collective (all-to-all of the gradients, splits swapped).
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        guarded(ctx.info, f"{ctx.phase} backward", detail, ctx.group, lambda: dist.all_to_all_single(
+            grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group))
+        return grad_in, None, None, None, None, None
 
 
-def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup) -> Tensor:
+def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup,
+               info: CallInfo | None = None, phase: str = "all-to-all") -> Tensor:
     """Differentiable all_to_all_single over ``group`` (rows of x split by in_splits)."""
-    out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group)
+    if info is not None and info.check_splits:
+        check_splits(in_splits, out_splits, group, info, phase)
+    out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group, info or CallInfo(), phase)
     return out
+
+
+def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: CallInfo, phase: str) -> None:
+    """Debug mode: all ranks must be in the same layer call, and each rank's receive sizes must equal
+    what its peers send (gloo would silently read garbage). Decided together: every rank raises."""
+    R, me = len(send), dist.get_rank(group)
+    mine = torch.tensor([zlib.crc32(info.layer.encode()), info.call, *send], dtype=torch.int64)
+    table = [torch.zeros_like(mine) for _ in range(R)]
+    # NOTE: collective (debug mode only): all-gather of (layer, call, send sizes).
+    guarded(info, f"{phase} split check", f"sending {send}", group,
+            lambda: dist.all_gather(table, mine, group=group))
+    calls = {(int(t[0]), int(t[1])) for t in table}
+    expected = [int(table[q][2 + me]) for q in range(R)]
+    problem = ""
+    if len(calls) > 1:
+        problem = (f"ranks are in different MoE calls (call numbers {[int(t[1]) for t in table]}, "
+                   f"layer hashes {[int(t[0]) for t in table]}): the layers are called in a different "
+                   f"order or a different number of times on different ranks")
+    if not problem and expected != list(recv):
+        bad = [q for q in range(R) if expected[q] != recv[q]]
+        problem = (f"split sizes disagree on rank {me}: peers {bad} send {[expected[q] for q in bad]} rows, "
+                   f"this rank expects {[recv[q] for q in bad]}")
+    flag = torch.tensor([1 if problem else 0])
+    guarded(info, f"{phase} split check", "agreement flag", group,  # NOTE: collective
+            lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group))
+    if flag.item():
+        raise CollectiveError(f"{info.layer} call {info.call}, {phase}: "
+                              f"{problem or 'a peer found mismatched split sizes or call order'}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +149,7 @@ class _Exchange:
     from_experts: Tensor | None  # dropless: permutation from expert-major rows to received order
     slot_index: Tensor | None  # capacity: each plan row's position in the [E, G, C'] buffer
     block: tuple[int, int, int]  # capacity: (e, G, C')
+    info: CallInfo  # for the combine's error messages and debug checks
 
 
 def _chunk_order(sizes_Re: Tensor) -> Tensor:
@@ -88,66 +171,86 @@ class AllToAllDispatcher:
         self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.e = num_experts // self.R
 
-    def dispatch(self, x_TD: Tensor, plan: RoutingPlan) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""
         rows_ND = gather_rows(x_TD, plan)
         if plan.capacity is None:
-            return self._dispatch_dropless(rows_ND, plan)
-        return self._dispatch_capacity(rows_ND, plan)
+            return self._dispatch_dropless(rows_ND, plan, info or CallInfo())
+        return self._dispatch_capacity(rows_ND, plan, info or CallInfo())
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Sends the expert outputs back to the ranks of their tokens and combines them there."""
         ex: _Exchange = dispatched.state
         if ex.from_experts is not None:  # dropless: back to received order, then home
             y_back = y_nD.new_empty(y_nD.shape).index_copy(0, ex.from_experts, y_nD)
-            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group)
+            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group, ex.info, "combine")
         else:  # capacity: back to [R, e, G, C'] order, home, then read each row's slot
             e, G, C = ex.block
             y_back = y_nD.reshape(e, self.R, G * C, -1).transpose(0, 1).reshape(-1, y_nD.shape[-1])
             assert ex.slot_index is not None
-            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group).index_select(
-                0, ex.slot_index)
+            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group, ex.info,
+                                "combine").index_select(0, ex.slot_index)
         return combine_rows(y_rows, dispatched.plan, num_tokens)
 
-    def _dispatch_capacity(self, rows_ND: Tensor, plan: RoutingPlan) -> Dispatched:
+    def _sum_counts_and_check_shapes(self, plan: RoutingPlan, block: int, info: CallInfo) -> Tensor:
+        """Capacity mode: expert_counts over the group, and every rank's buffer size must agree.
+
+        The buffer size rides along in the same all-reduce (as block and block²: they sum to R·b and
+        R·b² only when every rank has the same b), so a mismatch is an error on every rank at once,
+        before any exchange could hang or read garbage.
+        """
+        packed = torch.cat([plan.counts_E, plan.counts_E.new_tensor([block, block * block])])
+        # NOTE: collective: expert_counts summed over the expert-parallel group (+ the shape check).
+        guarded(info, "expert-count sum", f"buffer of {block} rows per peer", self.group,
+                lambda: dist.all_reduce(packed, group=self.group))
+        total, total_sq = int(packed[-2]), int(packed[-1])
+        if total * total != self.R * total_sq:
+            raise ValueError(
+                f"{info.layer} call {info.call}: capacity mode needs the same local batch shape on every "
+                f"rank of the expert-parallel group, but the ranks' capacity buffers differ (this rank: "
+                f"{plan.num_groups} groups x capacity {block // max(self.e * plan.num_groups, 1)}, "
+                f"{block} rows per peer; mean over ranks {total / self.R:g}). Use equal local batches, "
+                f"or dropless routing (capacity_factor=None), which allows different batch sizes")
+        return packed[:-2]
+
+    def _dispatch_capacity(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
         assert plan.capacity is not None
         E, G, D = plan.num_experts, plan.num_groups, rows_ND.shape[-1]
         C = min(plan.capacity, plan.tokens_per_group)
+        block = self.e * G * C
+        counts_E = self._sum_counts_and_check_shapes(plan, block, info)
         # 1. Rows into their slots of the fixed [E, G, C] buffer (empty slots stay zero).
         slot_index = (plan.expert_N * G + plan.group_N) * C + plan.slot_N
         buffer = rows_ND.new_zeros((E * G * C, D)).index_copy(0, slot_index, rows_ND)
         # 2. One all-to-all with equal splits: e·G·C rows to every peer.
-        block = self.e * G * C
         splits = [block] * self.R
-        recv = all_to_all(buffer, splits, splits, self.group)
+        recv = all_to_all(buffer, splits, splits, self.group, info, "dispatch")
         # 3. Received [R, e, G·C] -> expert-major [e, R·G·C] for the grouped GEMM.
         x_nD = recv.reshape(self.R, self.e, G * C, D).transpose(0, 1).reshape(-1, D)
         counts_e = torch.full((self.e,), self.R * G * C, dtype=torch.int64, device=rows_ND.device)
-        counts_E = plan.counts_E.clone()
-        # NOTE: collective: expert_counts summed over the expert-parallel group (statistics only).
-        dist.all_reduce(counts_E, group=self.group)
         report = CommReport("capacity", tuple(splits), tuple(splits), D, rows_ND.element_size(),
-                            control_bytes=counts_E.numel() * 8)
-        ex = _Exchange(splits, splits, None, slot_index, (self.e, G, C))
+                            control_bytes=(counts_E.numel() + 2) * 8)
+        ex = _Exchange(splits, splits, None, slot_index, (self.e, G, C), info)
         return Dispatched(x_nD, counts_e, plan, counts_E_global=counts_E, comm=report, state=ex)
 
-    def _dispatch_dropless(self, rows_ND: Tensor, plan: RoutingPlan) -> Dispatched:
+    def _dispatch_dropless(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
         R, e, D = self.R, self.e, rows_ND.shape[-1]
         # 1. Count exchange: every rank learns every rank's per-expert counts.
         gathered = [torch.empty_like(plan.counts_E) for _ in range(R)]
         # NOTE: collective: all-gather of the [E] counts over the expert-parallel group.
-        dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group)
+        guarded(info, "count exchange", f"{plan.num_kept} rows to send", self.group,
+                lambda: dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group))
         counts_RE = torch.stack(gathered)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         # NOTE: host-device sync: split sizes are needed on the host.
         send_rows = plan.counts_E.reshape(R, e).sum(1).tolist()
         recv_rows = recv_Re.sum(1).tolist()
         # 2. Variable-size all-to-all of exactly the kept rows.
-        recv = all_to_all(rows_ND, recv_rows, send_rows, self.group)
+        recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch")
         # 3. Received (source, expert) chunks -> expert-major order.
         order = _chunk_order(recv_Re)
         report = CommReport("dropless", tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
                             control_bytes=R * plan.counts_E.numel() * 8)
-        ex = _Exchange(send_rows, recv_rows, order, None, (e, 0, 0))
+        ex = _Exchange(send_rows, recv_rows, order, None, (e, 0, 0), info)
         return Dispatched(recv.index_select(0, order), recv_Re.sum(0), plan,
                           counts_E_global=counts_RE.sum(0), comm=report, state=ex)

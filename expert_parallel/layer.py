@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher
-from .distributed import all_gather_cat, group_size_and_rank
-from .exchange import AllToAllDispatcher
+from .distributed import all_gather_cat, check_same_on_all_ranks, group_size_and_rank
+from .exchange import AllToAllDispatcher, CallInfo, guarded
 from .experts import GroupedExperts, draw_base_seed
 from .losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
 from .plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
@@ -53,6 +55,12 @@ class MoE(nn.Module):
         if cfg.num_experts % self.ep_size:
             raise ValueError(f"MoEConfig.num_experts={cfg.num_experts} is not divisible by the "
                              f"expert-parallel size {self.ep_size}")
+        if ep_group is not None:
+            check_same_on_all_ranks(asdict(cfg), ep_group, "MoEConfig")
+        self.layer_name = "MoE"  # its qualified name once ep.configure_debug(model) ran
+        self.calls = 0  # per-layer call number, named in every collective's error
+        self.check_finite = False  # opt-in: raise on NaN/Inf input or router logits
+        self.check_splits = False  # opt-in: cross-check exchange split sizes between ranks
         local = cfg.num_experts // self.ep_size
         self.router = make_router(cfg)
         # One draw from the global generator; expert i is initialised from (base_seed, i).
@@ -75,13 +83,17 @@ class MoE(nn.Module):
         """
         self._check_input(x_BLD)
         B, L, D = x_BLD.shape
+        self.calls += 1
+        info = CallInfo(self.layer_name, self.calls, self.check_splits)
         if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
             return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)
         x_TD = x_BLD.reshape(B * L, D)
         logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
+        if self.check_finite:
+            self._check_finite(x_TD, logits_GSE, info)
         plan, aux = self._route(logits_GSE)
-        dispatched = self.dispatcher.dispatch(x_TD, plan)
+        dispatched = self.dispatcher.dispatch(x_TD, plan, info)
         y_nD = self.experts(dispatched.x_nD, dispatched.counts_e)
         y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
         aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm)
@@ -109,6 +121,18 @@ class MoE(nn.Module):
                        dropped=plan.dropped_fraction, counts_E=plan.counts_E,
                        balance_coef=cfg.load_balance_coef, z_coef=cfg.z_loss_coef)
         return plan, aux
+
+    def _check_finite(self, x_TD: Tensor, logits_GSE: Tensor, info: CallInfo) -> None:
+        """Raises FloatingPointError on NaN/Inf; decided together by the EP group, so no rank hangs."""
+        bad = torch.tensor([float(not torch.isfinite(x_TD).all()),
+                            float(not torch.isfinite(logits_GSE).all())])
+        if self.ep_group is not None and self.ep_size > 1:
+            guarded(info, "finite check", "NaN/Inf flags", self.ep_group,
+                    lambda: dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ep_group))
+        if bad.any():
+            where = "the input" if bad[0] else "the router logits"
+            raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {where} "
+                                     f"(on this rank or a peer of its expert-parallel group)")
 
     # ---- checkpoints in the single-device layout ----
     def full_state_dict(self) -> dict[str, Tensor]:
@@ -157,3 +181,27 @@ class MoE(nn.Module):
         if x_BLD.device != weight.device:
             raise ValueError(f"MoE input is on {x_BLD.device} but the parameters are on "
                              f"{weight.device}")
+
+
+def configure_debug(model: nn.Module, *, check_finite: bool | None = None,
+                    check_splits: bool | None = None) -> list[str]:
+    """Names every MoE of ``model`` by its qualified name (used in every error) and sets debug checks.
+
+    Args:
+        check_finite: raise FloatingPointError naming the layer on NaN/Inf input or router logits.
+        check_splits: cross-check the exchange split sizes between ranks on every call (one extra
+            all-gather per exchange; gloo would otherwise read garbage on a mismatch).
+
+    Returns:
+        the names of the MoE layers.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            module.layer_name = name or "MoE"
+            if check_finite is not None:
+                module.check_finite = check_finite
+            if check_splits is not None:
+                module.check_splits = check_splits
+            names.append(module.layer_name)
+    return names

@@ -20,7 +20,7 @@ from torch.distributed import ProcessGroup
 
 from .config import MoEConfig
 from .experts import FeedForward
-from .layer import MoE
+from .layer import MoE, configure_debug
 from .losses import MoEAux
 from .routing import TOKEN_MIXING_ROUTERS, check_causal_routing
 
@@ -131,6 +131,7 @@ class LanguageModel(nn.Module):
         self.head.weight = self.tok_emb.weight  # tied embeddings
         for emb in (self.tok_emb, self.pos_emb):  # small embeddings: logits start near uniform
             nn.init.normal_(emb.weight, std=0.02)
+        configure_debug(self)  # MoE layers named "blocks.3.ffn" etc. in error messages
 
     def forward(self, idx_BL: Tensor) -> tuple[Tensor, list[MoEAux]]:
         """Logits [B, L, vocab] and the aux of every MoE block (first to last)."""
