@@ -44,22 +44,25 @@ class CallInfo:
         layer: the layer's name (its qualified name in the model once ``ep.configure_debug`` ran).
         call: the layer's call number (1, 2, ...).
         check_splits: cross-check split sizes between ranks before every exchange (debug mode).
+        health: a gloo group over the same ranks that data collectives never use: after a failure
+            its monitored barrier still reaches every live rank and names the ones that do not answer.
     """
 
     layer: str = "MoE"
     call: int = 0
     check_splits: bool = False
+    health: ProcessGroup | None = None
 
 
-def _unresponsive_ranks(group: ProcessGroup) -> str:
-    """On gloo, names the ranks that do not reach a monitored barrier (hung or dead), else ''."""
-    if dist.get_backend(group) != "gloo":
+def _unresponsive_ranks(health: ProcessGroup | None) -> str:
+    """Names the ranks that do not reach a monitored barrier on the health group (hung or dead)."""
+    if health is None:
         return ""
     try:  # NOTE: collective (every rank whose exchange failed lands here)
-        dist.monitored_barrier(group, timeout=timedelta(seconds=10), wait_all_ranks=True)
+        dist.monitored_barrier(health, timeout=timedelta(seconds=5), wait_all_ranks=True)
     except RuntimeError as err:
         return f" [monitored barrier: {str(err).splitlines()[0]}]"
-    return ""
+    return " [monitored barrier: every rank of the group answered]"
 
 
 def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Callable[[], T]) -> T:
@@ -71,7 +74,7 @@ def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Ca
             raise
         where = f"{info.layer} call {info.call}, {phase} ({detail}) on rank {dist.get_rank()}"
         raise CollectiveError(f"{where} failed: {str(err).splitlines()[0]}"
-                              f"{_unresponsive_ranks(group)}") from err
+                              f"{_unresponsive_ranks(info.health)}") from err
 
 
 class _AllToAll(torch.autograd.Function):
@@ -170,6 +173,9 @@ class AllToAllDispatcher:
         self.group = group
         self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.e = num_experts // self.R
+        # NOTE: collective among the group's ranks only: a gloo group kept for failure diagnostics.
+        self.health = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                     use_local_synchronization=True)
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""

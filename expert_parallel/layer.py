@@ -84,7 +84,8 @@ class MoE(nn.Module):
         self._check_input(x_BLD)
         B, L, D = x_BLD.shape
         self.calls += 1
-        info = CallInfo(self.layer_name, self.calls, self.check_splits)
+        info = CallInfo(self.layer_name, self.calls, self.check_splits,
+                        getattr(self.dispatcher, "health", None))
         if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
             return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)

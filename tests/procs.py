@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
 
 
-def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | None = None) -> list[str]:
+def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | None = None,
+            expect_failure: bool = False) -> list[str]:
     """Starts several commands at once (e.g. two node agents), each in its own session, and waits.
 
     On timeout every process group is killed. Fails the test (AssertionError with the output's tail)
@@ -31,13 +32,17 @@ def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | 
         tails = "\n".join(p.communicate()[0][-3000:] for p in procs)
         raise AssertionError(f"timed out after {timeout}s: {cmds}\n{tails}") from None
     for cmd, p, out in zip(cmds, procs, outs, strict=True):
-        assert p.returncode == 0, f"exit {p.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
+        if expect_failure:
+            assert p.returncode != 0, f"exit 0 although a failure was planted: {' '.join(cmd)}\n{out[-3000:]}"
+        else:
+            assert p.returncode == 0, f"exit {p.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
     return outs
 
 
-def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+        expect_failure: bool = False) -> str:
     """One command under the watchdog of run_all; returns its output."""
-    return run_all([cmd], timeout, [env or {}])[0]
+    return run_all([cmd], timeout, [env or {}], expect_failure)[0]
 
 
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 300) -> str:

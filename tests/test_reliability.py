@@ -1,0 +1,144 @@
+"""Failures become clear errors, never hangs: planted mistakes, killed and hung ranks, bad numbers."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+import expert_parallel as ep
+from tests.procs import WORKERS, run, torchrun
+from tests.test_launchers import free_port, require
+
+TIMEOUT = 6.0  # the process-group timeout in tests/workers/failures.py
+WORKER = str(WORKERS / "failures.py")
+
+
+@pytest.mark.parametrize("scenario, message", [
+    ("config_mismatch", r"MoEConfig differs between the ranks of the expert-parallel group in \['top_k'\]"),
+    ("capacity_shapes", r"capacity mode needs the same local batch shape on every rank"),
+    ("split_mismatch", r"MoE call 1, dispatch: split sizes disagree"),
+    ("call_order", r"ranks are in different MoE calls"),
+    ("nan_input", r"MoE call 1: NaN or Inf in the input"),
+])
+def test_planted_mistakes_are_clear_errors_on_every_rank(scenario: str, message: str) -> None:
+    out = torchrun(2, "failures.py", scenario, timeout=120)
+    # both ranks report the error (their lines may interleave)
+    assert len(re.findall(rf"OK {scenario}: \w+: [^\n]*?{message}", out)) == 2, out[-3000:]
+
+
+def launch(launcher: str, scenario: str) -> list[str]:
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                WORKER, scenario]
+    if launcher == "mpi":
+        return [require("mpiexec"), "-n", "2", sys.executable, WORKER, scenario]
+    return [require("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), WORKER, scenario]
+
+
+def leftovers() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if WORKER in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpi", "deepspeed"])
+@pytest.mark.parametrize("scenario", ["kill", "hang"])
+def test_a_failed_rank_makes_the_others_exit_with_a_named_error(launcher: str, scenario: str) -> None:
+    """Rank 1 dies (SIGKILL) or hangs alive inside step 3's all-to-all: rank 0 exits with an error
+    naming the layer, call, phase and sizes within the timeout (+5 s to name a hung rank), the job
+    ends with a failure, and no process is left behind."""
+    start = time.monotonic()
+    out = run(launch(launcher, scenario), timeout=180, env={"DS_ACCELERATOR": "cpu"}, expect_failure=True)
+    wall = time.monotonic() - start
+    if launcher == "mpi" and scenario == "kill":
+        # MPICH's mpiexec ends the job itself as soon as a rank dies: the survivors are killed at once
+        assert "BAD TERMINATION" in out and wall < TIMEOUT + 10, (wall, out[-3000:])
+        time.sleep(1)
+        assert leftovers() == [], "processes left running"
+        return
+    failed = re.search(r"FAILED ([\d.]+)s on rank 0: MoE call 3, dispatch \(sending rows \[\d+, \d+\], "
+                       r"receiving \[\d+, \d+\]\) on rank 0 failed", out)
+    assert failed, out[-4000:]
+    detect = float(failed.group(1))
+    # within the timeout, plus at most the 5 s monitored barrier that names unresponsive ranks
+    assert detect < TIMEOUT + 5 + 3, detect
+    if scenario == "kill" and launcher == "torchrun":
+        assert detect < 1.0, detect  # a dead peer's closed connection is noticed at once
+    if scenario == "hang":
+        assert detect > TIMEOUT - 0.5, detect
+        assert "Ranks 1 failed to pass monitoredBarrier" in out, out[-3000:]
+    print(f"{launcher} {scenario}: rank 0 failed {detect:.2f}s after the fault; job ended after {wall:.1f}s")
+    time.sleep(1)
+    assert leftovers() == [], "processes left running"
+
+
+def test_nan_without_the_check_is_contained_and_with_it_names_the_layer() -> None:
+    """Documented behaviour: a NaN token gets a NaN output, other tokens of the group stay finite
+    (top-k, dropless); with configure_debug(check_finite=True) the layer raises with its name."""
+    cfg = ep.MoEConfig(d_model=8, d_ff=8, num_experts=4, capacity_factor=None)
+    model = torch.nn.ModuleDict({"block": ep.MoE(cfg)})
+    x = torch.randn(2, 5, 8)
+    x[1, 2, 3] = float("nan")
+    y, _ = model["block"](x)
+    assert torch.isnan(y[1, 2]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[1, :2]).all()
+    assert ep.configure_debug(model, check_finite=True) == ["block"]
+    with pytest.raises(FloatingPointError, match="block call 2: NaN or Inf in the input"):
+        model["block"](x)
+    x[1, 2, 3] = 0.0
+    with torch.no_grad():
+        model["block"].router.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or Inf in the router logits"):
+        model["block"](x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_activations_route_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    ref = ep.MoE(ep.MoEConfig(d_model=16, d_ff=32, num_experts=4, capacity_factor=None))
+    low = ep.MoE(ep.MoEConfig(d_model=16, d_ff=32, num_experts=4, capacity_factor=None, dtype=dtype))
+    low.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+    x = torch.randn(4, 8, 16)
+    y, aux = low(x.to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()
+    assert aux.z_loss.dtype == torch.float32 and aux.load_balance_loss.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref(x)[0], rtol=0.05, atol=0.05)
+    y.float().square().sum().backward()
+    assert all(torch.isfinite(p.grad.float()).all() for p in low.parameters() if p.grad is not None)
+
+
+def test_huge_logits_do_not_produce_nan() -> None:
+    moe = ep.MoE(ep.MoEConfig(d_model=8, d_ff=8, num_experts=4, capacity_factor=1.0, dtype="bfloat16"))
+    with torch.no_grad():
+        moe.router.weight.mul_(1e6)  # logits around 1e6
+    x = torch.randn(2, 8, 8, dtype=torch.bfloat16)
+    y, aux = moe(x)
+    assert torch.isfinite(y.float()).all() and torch.isfinite(aux.loss) and aux.z_loss > 1e9
+    (y.float().sum() + aux.loss).backward()
+    assert torch.isfinite(moe.router.weight.grad.float()).all()
+
+
+def test_z_loss_keeps_router_logits_bounded() -> None:
+    """Same short training from large logits with and without z-loss: with it, mean logsumexp² (what
+    the z-loss bounds) falls below where it started and well below the run without it."""
+    final, start = {}, {}
+    for coef in (0.0, 0.1):
+        torch.manual_seed(0)
+        moe = ep.MoE(ep.MoEConfig(d_model=16, d_ff=16, num_experts=4, capacity_factor=None,
+                                  z_loss_coef=coef, load_balance_coef=0.0))
+        with torch.no_grad():
+            moe.router.weight.mul_(50)  # start with large logits
+        opt = torch.optim.Adam(moe.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        probe = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+        start[coef] = torch.logsumexp(moe.router.logits(probe), -1).square().mean().item()
+        for _ in range(30):
+            x = torch.randn(4, 8, 16, generator=g)
+            y, aux = moe(x)
+            ((y - x).square().mean() + aux.loss).backward()
+            opt.step()
+            opt.zero_grad()
+        final[coef] = torch.logsumexp(moe.router.logits(probe), -1).square().mean().item()
+    assert final[0.1] < start[0.1] and final[0.1] < 0.85 * final[0.0], (start, final)
