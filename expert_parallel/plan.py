@@ -64,8 +64,8 @@ class RoutingPlan:
 
     @property
     def num_kept(self) -> int:
-        """Rows kept after capacity drops."""
-        return int(self.token_N.shape[0])
+        """Rows of the plan: kept routed copies (token and expert choice) or slots (soft)."""
+        return int(self.expert_N.shape[0])
 
 
 def _priority_order(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,

@@ -149,3 +149,9 @@ def test_bad_input_dtype() -> None:
 def test_groups_that_do_not_divide(overrides: dict, B: int, L: int, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         build(overrides)(torch.randn(B, L, BASE["d_model"]))
+
+
+def test_bad_input_device() -> None:
+    """An input on another device than the parameters is a ValueError (meta stands in for a GPU)."""
+    with pytest.raises(ValueError, match="parameters are on cpu"):
+        build({})(torch.randn(2, 8, BASE["d_model"], device="meta"))

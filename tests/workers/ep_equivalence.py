@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 
 import torch
@@ -43,7 +44,32 @@ CASES = {
 def batch_sizes(kind: str | None, world: int) -> list[int]:
     if kind == "uneven":  # includes a rank with no tokens at all
         return [(3, 1, 0, 2)[r % 4] for r in range(world)]
+    if kind is not None and kind.startswith("equal"):
+        return [int(kind[5:])] * world
     return [2] * world
+
+
+def random_cases(count: int, seed: int) -> dict[str, tuple[dict, bool, str | None, bool]]:
+    """Seeded random configurations (the same on every rank): router, K, capacity or dropless, drop
+    policy, group size, activation, bias, train/eval, batch sizes."""
+    rng = random.Random(seed)
+    cases = {}
+    for i in range(count):
+        router = rng.choice(["topk", "topk", "noisy_topk", "expert_choice", "soft"])
+        dropless = router in ("topk", "noisy_topk") and rng.random() < 0.4
+        batch = rng.choice([1, 2, 3])
+        overrides = dict(
+            router=router, top_k=rng.randint(1, 3), drop_policy=rng.choice(["position", "probs"]),
+            capacity_factor=None if dropless else rng.choice([0.5, 1.0, 1.5, 2.0]),
+            eval_capacity_factor=None if dropless else 1.0, activation=rng.choice(
+                ["relu", "gelu", "swiglu", "geglu"]), bias=rng.random() < 0.5,
+            slots_per_expert=rng.randint(1, 2),
+            group_size=rng.choice([None, L, 2 * L if batch % 2 == 0 else L, L // 2]))
+        training = router != "noisy_topk" and rng.random() < 0.7
+        kind = "uneven" if dropless and rng.random() < 0.5 else f"equal{batch}"
+        mode = "dropless" if dropless else "capacity"
+        cases[f"random{i}_{router}_{mode}"] = (overrides, training, kind, False)
+    return cases
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -214,6 +240,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ep-size", type=int, required=True)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--random", type=int, default=0, help="add N seeded random configurations")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launcher", default="torchrun", help="the launcher this run expects")
     parser.add_argument("--local_rank", type=int, default=None)  # the DeepSpeed launcher passes it
     args = parser.parse_args()
@@ -227,13 +255,16 @@ def main() -> int:
             raise AssertionError("num_experts not divisible by ep_size was accepted")
         except ValueError as err:
             assert "num_experts" in str(err)
-    for name in args.cases:
+    extra = random_cases(args.random, args.seed)
+    CASES.update(extra)
+    for name in [*args.cases, *extra]:
         run_case(ctx, name)
         if ctx.rank == 0:
             print(f"ok {name}", flush=True)
     train_steps(ctx)
     if ctx.rank == 0:
-        print(f"ALL OK {len(args.cases) + 1} under {ctx.launcher} with {ctx.world_size} ranks", flush=True)
+        done = len(args.cases) + len(extra) + 1
+        print(f"ALL OK {done} under {ctx.launcher} with {ctx.world_size} ranks", flush=True)
     torch.distributed.destroy_process_group()
     return 0
 
