@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import __version__, compare, demo
+from . import __version__, bench, compare, demo
 from . import train as train_lm
 from .distributed import default_backend, launch_env
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     train_lm.add_arguments(train_parser)
     compare_parser = sub.add_parser("compare", help="dense vs MoE variants at equal active parameters")
     compare.add_arguments(compare_parser)
+    bench.add_arguments(sub.add_parser("bench", help="forward+backward time vs the floor and DeepSpeed"))
     sub.add_parser("info", help="print versions and devices")
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         train_lm.train(args)
     elif args.command == "compare":
         compare.compare(args)
+    elif args.command == "bench":
+        bench.bench(args)
     else:
         demo.run(args)
     return 0

@@ -29,7 +29,9 @@ class TopKOutput(NamedTuple):
 def topk_from_logits(logits_XE: Tensor, top_k: int, normalize: bool) -> TopKOutput:
     """Softmax over experts, then each token's K largest probabilities (renormalised if asked)."""
     probs_XE = torch.softmax(logits_XE, dim=-1)
-    gates_XK, idx_XK = torch.topk(probs_XE, top_k, dim=-1)
+    # A stable sort rather than topk: equal probabilities go to the lower expert id, always.
+    gates_XE, idx_XE = torch.sort(probs_XE, dim=-1, descending=True, stable=True)
+    gates_XK, idx_XK = gates_XE[..., :top_k], idx_XE[..., :top_k]
     if normalize:
         gates_XK = gates_XK / gates_XK.sum(dim=-1, keepdim=True)
     return TopKOutput(gates_XK, idx_XK, probs_XE)
@@ -127,7 +129,9 @@ def expert_choice_from_logits(logits_GSE: Tensor, capacity: int) -> ExpertChoice
     """Each expert takes the ``min(capacity, S)`` tokens of the group with the largest probs[:, e]."""
     probs_GSE = torch.softmax(logits_GSE, dim=-1)
     taken = min(capacity, probs_GSE.shape[1])
-    weights_GEC, tokens_GEC = torch.topk(probs_GSE.transpose(1, 2), taken, dim=-1)
+    # A stable sort rather than topk: among equal probabilities the earlier token wins, always.
+    weights_GES, tokens_GES = torch.sort(probs_GSE.transpose(1, 2), dim=-1, descending=True, stable=True)
+    weights_GEC, tokens_GEC = weights_GES[..., :taken], tokens_GES[..., :taken]
     return ExpertChoiceOutput(tokens_GEC, weights_GEC, probs_GSE)
 
 

@@ -155,3 +155,18 @@ def test_bad_input_device() -> None:
     """An input on another device than the parameters is a ValueError (meta stands in for a GPU)."""
     with pytest.raises(ValueError, match="parameters are on cpu"):
         build({})(torch.randn(2, 8, BASE["d_model"], device="meta"))
+
+
+def test_ties_are_broken_deterministically() -> None:
+    """Equal probabilities: top-k takes the lower expert id, expert choice the earlier token (found by
+    the property tests; torch.topk leaves tie order unspecified)."""
+    from tests.oracle import oracle_expert_choice_moe
+
+    moe = build(dict(top_k=2, capacity_factor=0.5))
+    with torch.no_grad():
+        moe.router.weight.zero_()  # every probability is 1/E
+    x = torch.randn(2, 8, BASE["d_model"])
+    assert_matches_oracle(moe, x, True)
+    ec = build(dict(router="expert_choice", num_experts=1, top_k=1, capacity_factor=0.25, min_capacity=0))
+    x = torch.randn(1, 4, BASE["d_model"])  # one expert: every probability is exactly 1
+    torch.testing.assert_close(ec(x)[0], oracle_expert_choice_moe(ec, x, True)[0])
