@@ -96,7 +96,7 @@ def _deepspeed(cfg: MoEConfig, ctx: DistContext, x: torch.Tensor) -> Step | None
     return step
 
 
-def _time(step: Step, ctx: DistContext) -> float:
+def _time(step: Step) -> float:
     dist.barrier()  # NOTE: collective: every rank starts together
     start = time.perf_counter()
     step()
@@ -118,7 +118,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.warmup + args.repeats):
         for name, step in variants.items():
-            elapsed = _time(step, ctx)
+            elapsed = _time(step)
             if repeat >= args.warmup:
                 times[name].append(elapsed)
     medians = {name: statistics.median(ts) for name, ts in times.items()}

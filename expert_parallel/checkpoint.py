@@ -202,7 +202,5 @@ def import_single_device(model: nn.Module, path: str | Path) -> None:
 
 def _owner(key: str, moes: dict[str, MoE]) -> str | None:
     """The prefix of the MoE module that owns ``key`` (longest match), or None."""
-    owners = [p for p in moes if key.startswith(p) and p]
-    if "" in moes:
-        owners.append("")
+    owners = [p for p in moes if key.startswith(p)]  # "" (the model itself is an MoE) matches any key
     return max(owners, key=len) if owners else None

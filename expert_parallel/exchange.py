@@ -155,13 +155,15 @@ class _Exchange:
     info: CallInfo  # for the combine's error messages and debug checks
 
 
-def _chunk_order(sizes_Re: Tensor) -> Tensor:
-    """Row permutation turning chunks ordered (source, expert) into (expert, source) order."""
+def _chunk_order(sizes_Re: Tensor, total: int) -> Tensor:
+    """Row permutation turning chunks ordered (source, expert) into (expert, source) order.
+
+    ``total`` is sizes_Re.sum(), which the caller already has on the host (no second sync here).
+    """
     R, e = sizes_Re.shape
     start_Re = torch.cumsum(sizes_Re.reshape(-1), 0).reshape(R, e) - sizes_Re
     sizes_eR, start_eR = sizes_Re.t().reshape(-1), start_Re.t().reshape(-1)
     offset_eR = torch.cumsum(sizes_eR, 0) - sizes_eR
-    total = int(sizes_eR.sum().item())
     shift = torch.repeat_interleave(start_eR - offset_eR, sizes_eR, output_size=total)
     return torch.arange(total, device=sizes_Re.device) + shift
 
@@ -254,7 +256,7 @@ class AllToAllDispatcher:
         # 2. Variable-size all-to-all of exactly the kept rows.
         recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch")
         # 3. Received (source, expert) chunks -> expert-major order.
-        order = _chunk_order(recv_Re)
+        order = _chunk_order(recv_Re, sum(recv_rows))
         report = CommReport("dropless", tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
                             control_bytes=R * plan.counts_E.numel() * 8)
         ex = _Exchange(send_rows, recv_rows, order, None, (e, 0, 0), info)

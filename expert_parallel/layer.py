@@ -17,6 +17,7 @@ from .experts import GroupedExperts, draw_base_seed
 from .losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
 from .plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
 from .routing import (
+    ExpertChoiceRouter,
     capacity,
     expert_choice_from_logits,
     group_size,
@@ -110,8 +111,8 @@ class MoE(nn.Module):
             plan = token_choice_plan(routed.indices, routed.gates, routed.probs,
                                      capacity(cfg, S, self.training), cfg.drop_policy)
             balance = load_balance_loss(routed.indices, routed.probs)
-        elif cfg.router == "expert_choice":
-            chosen = expert_choice_from_logits(logits_GSE, capacity(cfg, S, self.training) or S)
+        elif isinstance(self.router, ExpertChoiceRouter):
+            chosen = expert_choice_from_logits(logits_GSE, self.router.capacity(S))
             plan = expert_choice_plan(chosen.token_indices, chosen.weights, S)
         else:
             soft = soft_from_logits(logits_GSE)
