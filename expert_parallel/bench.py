@@ -1,35 +1,46 @@
-"""Forward+backward time of our MoE layer against the compute floor and DeepSpeed's MoE, interleaved.
+"""Forward+backward time and peak memory of our MoE layer against the compute floor and DeepSpeed's MoE.
 
     expert-parallel bench                                        # one process
     torchrun --standalone --nproc-per-node 2 -m expert_parallel.cli bench   # expert-parallel
+    expert-parallel bench --sweep tokens --plot tokens.png       # scaling curves
+    expert-parallel bench --profile                              # where the time goes
 
 - **ours**: ``ep.MoE`` on T random tokens per rank (routing, dispatch, exchange, experts, combine).
-- **floor**: the same expert MLPs (our GroupedExperts) on already-grouped, balanced rows: each local
-  expert runs T·K·R/E rows, with no routing and no exchange.
+- **floor**: the same expert MLPs on already-grouped, balanced rows (T·K per rank, T·K·R/E per
+  expert), with no routing and no exchange, in the faster of two forms, both timed: one batched
+  ``torch.bmm`` over [e, rows, D] ("floor-bmm") and our per-expert GEMMs ("floor-loop").
 - **deepspeed**: ``deepspeed.moe.layer.MoE`` on the same shapes (when DeepSpeed is installed), with
   its GShard-style [S, E, C] dispatch and combine.
 Each repeat times every variant once, in turn, so machine noise hits them alike; medians over the
-repeats after warm-up. Output: a table on rank 0 and, with --json, the numbers.
+repeats after warm-up. Every step starts with no gradients (as after ``zero_grad``) and computes the
+input gradient too. Output: a table on rank 0 and, with --json, the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from .config import MoEConfig
 from .distributed import DistContext, init_distributed
-from .experts import GroupedExperts
+from .experts import GroupedExperts, ffn
 from .layer import MoE
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--d-ff", type=int, default=1024)
     add("--num-experts", type=int, default=8)
     add("--top-k", type=int, default=2)
-    add("--capacity-factor", type=lambda t: None if t.lower() == "none" else float(t), default=1.25)
+    add("--capacity-factor", type=_float_or_none, default=1.25, help="a number, or none (dropless)")
     add("--router", default="topk")
     add("--dtype", default="float32")
     add("--repeats", type=int, default=7)
     add("--warmup", type=int, default=2)
     add("--no-deepspeed", action="store_true")
+    add("--sweep", choices=["tokens", "experts"], default=None,
+        help="tokens: T per rank over --values; experts: E over --values with E·F and K·F held "
+             "(F = d_ff·E0/E, K = top_k·E/E0: fine-grained experts at fixed active compute)")
+    add("--values", default=None, help="comma-separated sweep values (default 1k..32k tokens, 8..128 E)")
+    add("--plot", type=Path, default=None, help="with --sweep: a PNG of time against the swept value")
+    add("--profile", action="store_true", help="also break our step's time down by phase")
     add("--json", type=Path, default=None)
     add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -53,29 +70,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Step = Callable[[], None]
 
 
-def _ours(cfg: MoEConfig, ctx: DistContext, x: torch.Tensor) -> Step:
-    layer = MoE(cfg, ep_group=ctx.ep_group)
+@dataclass
+class Variant:
+    """One benchmarked implementation: a forward+backward step and the tensors it zeroes first."""
+
+    step: Step
+    leaves: list[Tensor]
+
+    def __call__(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None  # as after zero_grad(set_to_none=True): gradients are allocated anew
+        self.step()
+
+
+def _ours(cfg: MoEConfig, ctx: DistContext, x: Tensor) -> Variant:
+    layer = MoE(cfg, ep_group=ctx.ep_group).to(x.device)
 
     def step() -> None:
         y, aux = layer(x)
         (y.float().square().mean() + aux.loss).backward()
-    return step
+    return Variant(step, [x, *layer.parameters()])
 
 
-def _floor(cfg: MoEConfig, ctx: DistContext, tokens: int) -> Step:
+def _floor_rows(cfg: MoEConfig, ctx: DistContext, tokens: int, device: torch.device) -> tuple[Tensor, int]:
     local = cfg.num_experts // ctx.ep_size
-    experts = GroupedExperts(cfg, base_seed=0, num_local=local)
     rows = tokens * cfg.top_k  # balanced: every rank's experts get T·K rows in all
-    x = torch.randn(rows, cfg.d_model, dtype=cfg.dtype, requires_grad=True)
-    counts = torch.full((local,), rows // local, dtype=torch.int64)
-    counts[-1] += rows - int(counts.sum())
+    per_expert = max(rows // local, 1)
+    x = torch.randn(local * per_expert, cfg.d_model, dtype=cfg.dtype, device=device, requires_grad=True)
+    return x, local
+
+
+def _floor_loop(cfg: MoEConfig, ctx: DistContext, tokens: int, device: torch.device) -> Variant:
+    x, local = _floor_rows(cfg, ctx, tokens, device)
+    experts = GroupedExperts(cfg, base_seed=0, num_local=local).to(device)
+    counts = torch.full((local,), x.shape[0] // local, dtype=torch.int64, device=device)
 
     def step() -> None:
         experts(x, counts).float().square().mean().backward()
-    return step
+    return Variant(step, [x, *experts.parameters()])
 
 
-def _deepspeed(cfg: MoEConfig, ctx: DistContext, x: torch.Tensor) -> Step | None:
+def _floor_bmm(cfg: MoEConfig, ctx: DistContext, tokens: int, device: torch.device) -> Variant:
+    x, local = _floor_rows(cfg, ctx, tokens, device)
+    experts = GroupedExperts(cfg, base_seed=0, num_local=local).to(device)
+    x_eND = x.detach().reshape(local, -1, cfg.d_model).requires_grad_(True)
+
+    def step() -> None:
+        y = ffn(x_eND, experts.weights(), cfg.activation, mm=torch.bmm,
+                add_bias=lambda h, b: h + b.unsqueeze(1))
+        y.float().square().mean().backward()
+    return Variant(step, [x_eND, *experts.parameters()])
+
+
+def deepspeed_gating_bytes(cfg: MoEConfig, tokens: int) -> int:
+    """Bytes of one of DeepSpeed's dense [S, E, C] gating tensors at these shapes (it builds several)."""
+    factor = (cfg.capacity_factor or 1.0) * cfg.top_k
+    C = max(math.ceil(tokens / cfg.num_experts * factor), cfg.min_capacity)
+    if cfg.capacity_factor is None:  # dropless: C is the largest expert load (estimated as 1.5x mean)
+        C = min(tokens, math.ceil(1.5 * tokens * cfg.top_k / cfg.num_experts))
+    return tokens * cfg.num_experts * C * 4
+
+
+def _deepspeed(cfg: MoEConfig, ctx: DistContext, x: Tensor) -> Variant | None:
     try:
         import deepspeed
         from deepspeed.moe.layer import MoE as DeepSpeedMoE
@@ -87,64 +143,275 @@ def _deepspeed(cfg: MoEConfig, ctx: DistContext, x: torch.Tensor) -> Step | None
                          ep_size=ctx.ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor or 1.0,
                          eval_capacity_factor=cfg.capacity_factor or 1.0, min_capacity=cfg.min_capacity,
                          drop_tokens=cfg.capacity_factor is not None, use_rts=False,
-                         top2_2nd_expert_sampling=False).to(cfg.dtype)
+                         top2_2nd_expert_sampling=False).to(device=x.device, dtype=cfg.dtype)
     layer.set_deepspeed_parallelism()  # NOTE: collective (DeepSpeed's expert groups)
 
     def step() -> None:
         y, l_aux, _ = layer(x)
         (y.float().square().mean() + l_aux).backward()
-    return step
+    return Variant(step, [x, *layer.parameters()])
 
 
-def _time(step: Step) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(step: Variant, device: torch.device) -> float:
+    _sync(device)
     dist.barrier()  # NOTE: collective: every rank starts together
     start = time.perf_counter()
     step()
+    _sync(device)
     dist.barrier()  # NOTE: collective: the slowest rank decides
     return time.perf_counter() - start
 
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the interleaved measurement; returns medians (seconds) and ratios."""
-    ctx = init_distributed()
-    cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts, top_k=args.top_k,
-                    router=args.router, capacity_factor=args.capacity_factor, dtype=args.dtype)
-    torch.manual_seed(ctx.rank)
-    x = torch.randn(1, args.tokens, cfg.d_model, dtype=cfg.dtype)
-    variants: dict[str, Step] = {"ours": _ours(cfg, ctx, x), "floor": _floor(cfg, ctx, args.tokens)}
-    ds = None if args.no_deepspeed or args.router != "topk" or args.top_k > 2 else _deepspeed(cfg, ctx, x)
-    if ds is not None:
-        variants["deepspeed"] = ds
+def peak_bytes(step: Step, device: torch.device) -> int:
+    """Peak memory allocated by one call of ``step`` above what was allocated before it.
+
+    CUDA: the caching allocator's peak statistic. CPU: the allocator events of a memory profile
+    ("Total Allocated" counts the bytes allocated and not yet freed since the profile began).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return int(max([0, *totals]))
+
+
+def _variants(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namespace,
+              device: torch.device) -> tuple[dict[str, Variant], str]:
+    torch.manual_seed(1234 + ctx.rank)
+    x = torch.randn(1, tokens, cfg.d_model, dtype=cfg.dtype, device=device, requires_grad=True)
+    variants = {"ours": _ours(cfg, ctx, x), "floor-loop": _floor_loop(cfg, ctx, tokens, device),
+                "floor-bmm": _floor_bmm(cfg, ctx, tokens, device)}
+    note = ""
+    if args.no_deepspeed:
+        note = "DeepSpeed left out (--no-deepspeed)"
+    elif cfg.router != "topk" or cfg.top_k > 2:
+        note = "DeepSpeed has top-1 and top-2 gating only"
+    elif 4 * deepspeed_gating_bytes(cfg, tokens) > _available_bytes(device):
+        note = (f"DeepSpeed left out: its dense [S, E, C] gating tensors would need "
+                f"{4 * deepspeed_gating_bytes(cfg, tokens) / 2**30:.1f} GiB")
+    else:
+        ds = _deepspeed(cfg, ctx, x.detach().clone().requires_grad_(True))
+        if ds is None:
+            note = "DeepSpeed is not installed"
+        else:
+            variants["deepspeed"] = ds
+    return variants, note
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+    except ImportError:
+        return 2**62
+    return int(psutil.virtual_memory().available)
+
+
+def measure(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved medians, peak memory and ratios of every variant at one configuration."""
+    device = ctx.device
+    variants, note = _variants(cfg, ctx, tokens, args, device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.warmup + args.repeats):
         for name, step in variants.items():
-            elapsed = _time(step)
+            elapsed = _time(step, device)
             if repeat >= args.warmup:
                 times[name].append(elapsed)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "local_rank")},
-              "world_size": ctx.world_size, "ep_size": ctx.ep_size, "median_s": medians,
-              "ours_over_floor": medians["ours"] / medians["floor"]}
+    peaks = torch.tensor([peak_bytes(step, device) for step in variants.values()], dtype=torch.float64)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # NOTE: collective: the largest rank's peak
+    peak = dict(zip(variants, (int(p) for p in peaks.tolist()), strict=True))
+    floor_name = min(("floor-bmm", "floor-loop"), key=lambda n: medians[n])
+    medians["floor"], peak["floor"] = medians[floor_name], peak[floor_name]
+    result: dict[str, Any] = {
+        "tokens": tokens, "num_experts": cfg.num_experts, "d_ff": cfg.d_ff, "top_k": cfg.top_k,
+        "median_s": medians, "peak_bytes": peak, "floor_is": floor_name,
+        "ours_over_floor": medians["ours"] / medians["floor"],
+        "ours_peak_over_floor": peak["ours"] / max(peak["floor"], 1), "note": note}
     if "deepspeed" in medians:
         result["ours_over_deepspeed"] = medians["ours"] / medians["deepspeed"]
         result["deepspeed_over_floor"] = medians["deepspeed"] / medians["floor"]
+    if args.profile:
+        result["profile_shares"] = profile_shares(variants["ours"], steps=max(args.repeats, 3))
+    return result
+
+
+def _config(args: argparse.Namespace, num_experts: int, d_ff: int, top_k: int) -> MoEConfig:
+    return MoEConfig(d_model=args.d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
+                     router=args.router, capacity_factor=args.capacity_factor, dtype=args.dtype)
+
+
+def _sweep_points(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
+    """(tokens, E, F, K) for every measurement."""
+    if args.sweep is None:
+        return [(args.tokens, args.num_experts, args.d_ff, args.top_k)]
+    default = "1024,2048,4096,8192,16384,32768" if args.sweep == "tokens" else "8,16,32,64,128"
+    values = [int(v) for v in (args.values or default).split(",")]
+    if args.sweep == "tokens":
+        return [(t, args.num_experts, args.d_ff, args.top_k) for t in values]
+    points = []
+    for E in values:
+        if E % args.num_experts or (args.d_ff * args.num_experts) % E:
+            raise ValueError(f"--sweep experts: every E must be a multiple of --num-experts "
+                             f"{args.num_experts} and divide d_ff·E0 = {args.d_ff * args.num_experts}; "
+                             f"got {E}")
+        points.append((args.tokens, E, args.d_ff * args.num_experts // E, args.top_k * E // args.num_experts))
+    return points
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the interleaved measurements; returns medians (seconds), peaks (bytes) and ratios."""
+    ctx = init_distributed()
+    points = [measure(_config(args, E, F, K), ctx, T, args) for T, E, F, K in _sweep_points(args)]
+    result: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                   if k not in ("json", "local_rank", "plot")},
+        "world_size": ctx.world_size, "ep_size": ctx.ep_size, "device": str(ctx.device),
+        "torch": torch.__version__, "points": points}
+    if args.sweep == "tokens":
+        result["fitted_exponent"] = {name: fitted_exponent(points, name)
+                                     for name in ("ours", "floor", "deepspeed")
+                                     if sum(name in p["median_s"] for p in points) >= 2}
     if ctx.rank == 0:
         print(format_table(result))
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2, default=str))
+            args.json.write_text(json.dumps(result, indent=2))
+        if args.plot is not None and args.sweep is not None:
+            plot_sweep(result, args.plot)
     return result
+
+
+def fitted_exponent(points: list[dict[str, Any]], name: str) -> float:
+    """b in time ≈ a · tokens^b, least squares on the log-log points where ``name`` was measured."""
+    xs = [math.log(p["tokens"]) for p in points if name in p["median_s"]]
+    ys = [math.log(p["median_s"][name]) for p in points if name in p["median_s"]]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+# Profile phases: the record_function scopes of MoE.forward; their autograd nodes (matched by
+# sequence number) carry the backward time to the same phase.
+_SCOPES = {"moe/router": "router logits", "moe/plan": "gating, plan, aux losses",
+           "moe/dispatch": "gather", "moe/experts": "experts (other)", "moe/combine": "combine"}
+_COMM = ("alltoall", "all_to_all", "allgather", "all_gather", "allreduce", "all_reduce", "_AllToAll")
+_GEMM = ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::_grouped_mm", "_SegmentMM",
+         "MmBackward", "BmmBackward", "AddmmBackward", "GroupedMmBackward")
+
+
+def _label(scope: str, op: str) -> str:
+    if any(c in op for c in _COMM):
+        return "communication"
+    if scope == "moe/experts" and any(op.startswith(g) or f": {g}" in op for g in _GEMM):
+        return "expert GEMMs"
+    return _SCOPES[scope]
+
+
+def _scope_of(event: Any) -> str | None:
+    while event is not None:
+        if event.name in _SCOPES:
+            return str(event.name)
+        event = event.cpu_parent
+    return None
+
+
+def profile_shares(step: Step, steps: int) -> dict[str, float]:
+    """Our step's wall time split by phase (shares of the total), forward and backward together."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total_us = (time.perf_counter() - start) * 1e6
+    events = list(prof.events())
+    seq_scope: dict[int, str] = {}
+    spent: dict[str, float] = {}
+    for event in events:
+        scope = _scope_of(event.cpu_parent)
+        if scope is None or event.cpu_parent.name not in _SCOPES:
+            continue  # only the direct children of a scope, so nothing is counted twice
+        if event.sequence_nr >= 0:
+            seq_scope[event.sequence_nr] = scope
+        label = _label(scope, event.name)
+        spent[label] = spent.get(label, 0.0) + event.cpu_time_total
+    for event in events:
+        if event.cpu_parent is None and event.name.startswith("autograd::engine::evaluate_function"):
+            scope = seq_scope.get(event.sequence_nr)
+            if scope is not None:
+                label = _label(scope, event.name)
+                spent[label] = spent.get(label, 0.0) + event.cpu_time_total
+    spent["other (loss, autograd engine, gradient accumulation)"] = total_us - sum(spent.values())
+    return {label: us / total_us for label, us in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable summary of one benchmark run."""
     cfg = result["config"]
-    lines = [f"MoE forward+backward, {cfg['tokens']} tokens/rank, D={cfg['d_model']} F={cfg['d_ff']} "
-             f"E={cfg['num_experts']} K={cfg['top_k']} capacity={cfg['capacity_factor']} {cfg['dtype']}, "
-             f"{result['world_size']} rank(s), ep_size {result['ep_size']}, medians of {cfg['repeats']}",
-             f"{'variant':<12}{'median ms':>12}{'x floor':>10}"]
-    floor = result["median_s"]["floor"]
-    for name, seconds in result["median_s"].items():
-        lines.append(f"{name:<12}{seconds * 1e3:>12.1f}{seconds / floor:>10.2f}")
-    if "ours_over_deepspeed" in result:
-        lines.append(f"ours / deepspeed = {result['ours_over_deepspeed']:.2f}")
+    lines = [f"MoE forward+backward, D={cfg['d_model']} capacity={cfg['capacity_factor']} {cfg['dtype']} "
+             f"router={cfg['router']}, {result['world_size']} rank(s), ep_size {result['ep_size']}, "
+             f"{result['device']}, medians of {cfg['repeats']}"]
+    for point in result["points"]:
+        lines.append(f"T={point['tokens']}/rank E={point['num_experts']} F={point['d_ff']} "
+                     f"K={point['top_k']}  (floor = {point['floor_is']})")
+        lines.append(f"  {'variant':<12}{'median ms':>12}{'x floor':>10}{'peak MiB':>11}{'x floor':>9}")
+        floor, floor_peak = point["median_s"]["floor"], max(point["peak_bytes"]["floor"], 1)
+        for name, seconds in point["median_s"].items():
+            peak = point["peak_bytes"][name]
+            lines.append(f"  {name:<12}{seconds * 1e3:>12.1f}{seconds / floor:>10.2f}"
+                         f"{peak / 2**20:>11.1f}{peak / floor_peak:>9.2f}")
+        if "ours_over_deepspeed" in point:
+            lines.append(f"  ours / deepspeed = {point['ours_over_deepspeed']:.2f}")
+        if point["note"]:
+            lines.append(f"  ({point['note']})")
+        for label, share in point.get("profile_shares", {}).items():
+            lines.append(f"    {share * 100:5.1f} %  {label}")
+    for name, exponent in result.get("fitted_exponent", {}).items():
+        lines.append(f"fitted exponent (time ~ tokens^b), {name}: b = {exponent:.3f}")
     return "\n".join(lines)
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Time against the swept value, one line per variant (log-log for tokens)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result["config"]["sweep"]
+    key = "tokens" if sweep == "tokens" else "num_experts"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("ours", "floor", "deepspeed"):
+        pts = [(p[key], p["median_s"][name] * 1e3) for p in result["points"] if name in p["median_s"]]
+        if pts:
+            label = name
+            if name in result.get("fitted_exponent", {}):
+                label += f" (b = {result['fitted_exponent'][name]:.2f})"
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    if sweep == "tokens":
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per rank")
+    else:
+        E0 = result["config"]["num_experts"]
+        ax.set_xlabel(f"experts E (F = d_ff·{E0}/E, K = top_k·E/{E0}: fixed active compute)")
+    ax.set_ylabel("forward+backward ms (median)")
+    ax.set_title(f"{result['world_size']} rank(s), ep_size {result['ep_size']}, {result['device']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -59,8 +59,10 @@ class Dispatched:
     """What dispatch hands to the experts and, through the caller, to combine.
 
     Attributes:
-        x_nD: rows for this rank's experts, sorted by local expert.
-        counts_e: int64 [e], rows per local expert.
+        x_nD: rows for this rank's experts, ordered (segment, local expert): one segment (sorted by
+            expert) in one process, one segment per source rank, as received, under expert
+            parallelism.
+        counts_Se: int64 [S, e], rows per (segment, local expert).
         plan: the routing plan the rows came from.
         counts_E_global: int64 [E], kept rows per expert summed over the expert-parallel group.
         comm: the traffic report of this call.
@@ -68,7 +70,7 @@ class Dispatched:
     """
 
     x_nD: Tensor
-    counts_e: Tensor
+    counts_Se: Tensor
     plan: RoutingPlan
     counts_E_global: Tensor
     comm: CommReport
@@ -113,9 +115,33 @@ def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
         y_GnD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
         combine_GSn = plan.soft.combine_GSn.to(y_ND.dtype)
         return torch.einsum("gsn,gnd->gsd", combine_GSn, y_GnD).reshape(num_tokens, D)
-    weighted_ND = y_ND * plan.gate_N.to(y_ND.dtype)[:, None]
-    out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
-    return out_TD.index_add(0, plan.token_N, weighted_ND)
+    out_TD: Tensor = _WeightedIndexAdd.apply(y_ND, plan.gate_N.to(y_ND.dtype), plan.token_N, num_tokens)
+    return out_TD
+
+
+class _WeightedIndexAdd(torch.autograd.Function):
+    """out_TD[t] = Σ over the rows n of token t of gate_N[n] · y_ND[n].
+
+    The same math as ``zeros.index_add(0, token_N, y_ND * gate_N[:, None])`` under autograd, with
+    fewer passes over the [N, D] rows (they are memory-bound): the backward gathers the output
+    gradient once, takes the gate gradient as a row-wise dot product (``vecdot``, no [N, D]
+    product) and scales the gathered rows in place for the row gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y_ND: Tensor, gate_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
+        ctx.save_for_backward(y_ND, gate_N, token_N)
+        out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
+        return out_TD.index_add_(0, token_N, y_ND * gate_N[:, None])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        y_ND, gate_N, token_N = ctx.saved_tensors
+        g_ND = g_TD.index_select(0, token_N)
+        grad_gate = torch.linalg.vecdot(g_ND, y_ND) if ctx.needs_input_grad[1] else None
+        grad_y = g_ND.mul_(gate_N[:, None]) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_gate, None, None
 
 
 class LocalDispatcher:
@@ -126,7 +152,7 @@ class LocalDispatcher:
         rows_ND = gather_rows(x_TD, plan)
         report = CommReport("local", (rows_ND.shape[0],), (rows_ND.shape[0],), rows_ND.shape[-1],
                             rows_ND.element_size())
-        return Dispatched(rows_ND, plan.counts_E, plan, counts_E_global=plan.counts_E, comm=report)
+        return Dispatched(rows_ND, plan.counts_E[None], plan, counts_E_global=plan.counts_E, comm=report)
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Weighted sum of the expert outputs into their tokens."""

@@ -3,10 +3,11 @@
 Rows of a plan are sorted by (expert, group, slot), and rank q of the expert-parallel group owns experts
 [q·e, (q+1)·e), so the rows for each destination rank are one contiguous block.
 
-- Capacity mode (plan.capacity set): every rank scatters its rows into a fixed [E, G, C', D] buffer
-  (C' = min(C, S)), and one ``all_to_all_single`` with equal splits moves e·G·C' rows to every peer. No
-  count exchange. The receiver runs its experts on all R·G·C' slots of each local expert, so every
-  rank needs the same G and C'.
+- Capacity mode (plan.capacity set): ranks all-gather their [E] counts (which aux needs anyway), and
+  each rank packs the rows for peer q at the start of a fixed block of e·G·C' rows (C' = min(C, S)),
+  the rest zeros. One ``all_to_all_single`` with equal splits, which need no host-side sizes, moves
+  the blocks. The receiver reads only the filled rows into expert-major order: the padding is for
+  the exchange, and costs no expert compute. Every rank needs the same G and C'.
 - Dropless mode (capacity None): ranks first exchange their per-expert counts (one all-gather of
   [E] int64), then ``all_to_all_single`` moves exactly the kept rows with variable split sizes.
 
@@ -149,23 +150,7 @@ class _Exchange:
 
     send_rows: list[int]
     recv_rows: list[int]
-    from_experts: Tensor | None  # dropless: permutation from expert-major rows to received order
-    slot_index: Tensor | None  # capacity: each plan row's position in the [E, G, C'] buffer
-    block: tuple[int, int, int]  # capacity: (e, G, C')
     info: CallInfo  # for the combine's error messages and debug checks
-
-
-def _chunk_order(sizes_Re: Tensor, total: int) -> Tensor:
-    """Row permutation turning chunks ordered (source, expert) into (expert, source) order.
-
-    ``total`` is sizes_Re.sum(), which the caller already has on the host (no second sync here).
-    """
-    R, e = sizes_Re.shape
-    start_Re = torch.cumsum(sizes_Re.reshape(-1), 0).reshape(R, e) - sizes_Re
-    sizes_eR, start_eR = sizes_Re.t().reshape(-1), start_Re.t().reshape(-1)
-    offset_eR = torch.cumsum(sizes_eR, 0) - sizes_eR
-    shift = torch.repeat_interleave(start_eR - offset_eR, sizes_eR, output_size=total)
-    return torch.arange(total, device=sizes_Re.device) + shift
 
 
 class AllToAllDispatcher:
@@ -181,67 +166,17 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""
-        rows_ND = gather_rows(x_TD, plan)
-        if plan.capacity is None:
-            return self._dispatch_dropless(rows_ND, plan, info or CallInfo())
-        return self._dispatch_capacity(rows_ND, plan, info or CallInfo())
+        return self._exchange(gather_rows(x_TD, plan), plan, info or CallInfo())
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Sends the expert outputs back to the ranks of their tokens and combines them there."""
         ex: _Exchange = dispatched.state
-        if ex.from_experts is not None:  # dropless: back to received order, then home
-            y_back = y_nD.new_empty(y_nD.shape).index_copy(0, ex.from_experts, y_nD)
-            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group, ex.info, "combine")
-        else:  # capacity: back to [R, e, G, C'] order, home, then read each row's slot
-            e, G, C = ex.block
-            y_back = y_nD.reshape(e, self.R, G * C, -1).transpose(0, 1).reshape(-1, y_nD.shape[-1])
-            assert ex.slot_index is not None
-            y_rows = all_to_all(y_back, ex.send_rows, ex.recv_rows, self.group, ex.info,
-                                "combine").index_select(0, ex.slot_index)
+        # The experts kept the received order, so the rows go straight back.
+        y_rows = all_to_all(y_nD, ex.send_rows, ex.recv_rows, self.group, ex.info, "combine")
         return combine_rows(y_rows, dispatched.plan, num_tokens)
 
-    def _sum_counts_and_check_shapes(self, plan: RoutingPlan, block: int, info: CallInfo) -> Tensor:
-        """Capacity mode: expert_counts over the group, and every rank's buffer size must agree.
-
-        The buffer size rides along in the same all-reduce (as block and block²: they sum to R·b and
-        R·b² only when every rank has the same b), so a mismatch is an error on every rank at once,
-        before any exchange could hang or read garbage.
-        """
-        packed = torch.cat([plan.counts_E, plan.counts_E.new_tensor([block, block * block])])
-        # NOTE: collective: expert_counts summed over the expert-parallel group (+ the shape check).
-        guarded(info, "expert-count sum", f"buffer of {block} rows per peer", self.group,
-                lambda: dist.all_reduce(packed, group=self.group))
-        total, total_sq = int(packed[-2]), int(packed[-1])
-        if total * total != self.R * total_sq:
-            raise ValueError(
-                f"{info.layer} call {info.call}: capacity mode needs the same local batch shape on every "
-                f"rank of the expert-parallel group, but the ranks' capacity buffers differ (this rank: "
-                f"{plan.num_groups} groups x capacity {block // max(self.e * plan.num_groups, 1)}, "
-                f"{block} rows per peer; mean over ranks {total / self.R:g}). Use equal local batches, "
-                f"or dropless routing (capacity_factor=None), which allows different batch sizes")
-        return packed[:-2]
-
-    def _dispatch_capacity(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
-        assert plan.capacity is not None
-        E, G, D = plan.num_experts, plan.num_groups, rows_ND.shape[-1]
-        C = min(plan.capacity, plan.tokens_per_group)
-        block = self.e * G * C
-        counts_E = self._sum_counts_and_check_shapes(plan, block, info)
-        # 1. Rows into their slots of the fixed [E, G, C] buffer (empty slots stay zero).
-        slot_index = (plan.expert_N * G + plan.group_N) * C + plan.slot_N
-        buffer = rows_ND.new_zeros((E * G * C, D)).index_copy(0, slot_index, rows_ND)
-        # 2. One all-to-all with equal splits: e·G·C rows to every peer.
-        splits = [block] * self.R
-        recv = all_to_all(buffer, splits, splits, self.group, info, "dispatch")
-        # 3. Received [R, e, G·C] -> expert-major [e, R·G·C] for the grouped GEMM.
-        x_nD = recv.reshape(self.R, self.e, G * C, D).transpose(0, 1).reshape(-1, D)
-        counts_e = torch.full((self.e,), self.R * G * C, dtype=torch.int64, device=rows_ND.device)
-        report = CommReport("capacity", tuple(splits), tuple(splits), D, rows_ND.element_size(),
-                            control_bytes=(counts_E.numel() + 2) * 8)
-        ex = _Exchange(splits, splits, None, slot_index, (self.e, G, C), info)
-        return Dispatched(x_nD, counts_e, plan, counts_E_global=counts_E, comm=report, state=ex)
-
-    def _dispatch_dropless(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
+    def _exchange(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
+        """Counts all-gather, then exactly the kept rows to their experts' ranks (variable splits)."""
         R, e, D = self.R, self.e, rows_ND.shape[-1]
         # 1. Count exchange: every rank learns every rank's per-expert counts.
         gathered = [torch.empty_like(plan.counts_E) for _ in range(R)]
@@ -255,10 +190,10 @@ class AllToAllDispatcher:
         recv_rows = recv_Re.sum(1).tolist()
         # 2. Variable-size all-to-all of exactly the kept rows.
         recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch")
-        # 3. Received (source, expert) chunks -> expert-major order.
-        order = _chunk_order(recv_Re, sum(recv_rows))
-        report = CommReport("dropless", tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
+        # 3. The experts take the rows as received: one segment per source rank, expert-major inside.
+        mode = "dropless" if plan.capacity is None else "capacity"
+        report = CommReport(mode, tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
                             control_bytes=R * plan.counts_E.numel() * 8)
-        ex = _Exchange(send_rows, recv_rows, order, None, (e, 0, 0), info)
-        return Dispatched(recv.index_select(0, order), recv_Re.sum(0), plan,
+        ex = _Exchange(send_rows, recv_rows, info)
+        return Dispatched(recv, recv_Re, plan,
                           counts_E_global=counts_RE.sum(0), comm=report, state=ex)

@@ -1,6 +1,6 @@
 """Expert feed-forward networks: the grouped expert GEMMs and the dense FeedForward baseline.
 
-Math only, no communication. Rows handed to the experts are sorted by local expert; ``counts_e``
+Math only, no communication. Rows handed to the experts are ordered (segment, local expert); ``counts_Se``
 says how many rows each local expert owns.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +91,86 @@ def ffn(x_ND: Tensor, w: Mapping[str, Tensor], activation: str, mm: MatMul = _ma
 
 def _can_use_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     # torch's grouped_mm kernel needs CUDA, bf16 and 16-byte aligned strides; on CPU its backward is
-    # not implemented (torch 2.13), so the CPU path loops over experts on contiguous row slices.
+    # not implemented (torch 2.13), so the CPU path uses segment_mm below.
     return (hasattr(F, "grouped_mm") and x_ND.is_cuda and x_ND.dtype == torch.bfloat16
             and d_model % 8 == 0 and d_ff % 8 == 0)
+
+
+Segment = tuple[int, int, int]  # (first row, end row, local expert)
+
+
+def segments(counts_Se: Tensor) -> list[Segment]:
+    """The non-empty row ranges of rows ordered (segment, local expert), with their experts.
+
+    NOTE: host-device sync: the row counts are needed on the host to slice the rows.
+    """
+    out, start = [], 0
+    for index, size in enumerate(counts_Se.reshape(-1).tolist()):
+        if size:
+            out.append((start, start + size, index % counts_Se.shape[-1]))
+            start += size
+    return out
+
+
+class _SegmentMM(torch.autograd.Function):
+    """y[a:b] = x[a:b] @ w[j] for every segment (a, b, j): a grouped GEMM whose groups may repeat.
+
+    Written out because torch's CPU grouped_mm has no backward (torch 2.13) and needs aligned,
+    expert-major groups. Each product writes into its slice of one output (``out=``), so no
+    concatenation, split or stacking pass is needed in either direction, and rows received from
+    several peers run in the order they arrived (one segment per (peer, expert)).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_NK: Tensor, w_eKM: Tensor, segs: list[Segment]) -> Tensor:
+        ctx.segs = segs
+        ctx.save_for_backward(x_NK, w_eKM)
+        y_NM = x_NK.new_empty((x_NK.shape[0], w_eKM.shape[-1]))
+        for a, b, j in segs:
+            torch.mm(x_NK[a:b], w_eKM[j], out=y_NM[a:b])
+        return y_NM
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_NK, w_eKM = ctx.saved_tensors
+        g_NM = g_NM.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x_NK.new_empty(x_NK.shape)
+            for a, b, j in ctx.segs:
+                torch.mm(g_NM[a:b], w_eKM[j].t(), out=grad_x[a:b])
+        if ctx.needs_input_grad[1]:
+            grad_w = w_eKM.new_empty(w_eKM.shape)
+            seen: set[int] = set()
+            for a, b, j in ctx.segs:
+                if j in seen:
+                    grad_w[j].addmm_(x_NK[a:b].t(), g_NM[a:b])
+                else:
+                    torch.mm(x_NK[a:b].t(), g_NM[a:b], out=grad_w[j])
+                    seen.add(j)
+            for j in set(range(w_eKM.shape[0])) - seen:
+                grad_w[j].zero_()  # an expert without rows gets a zero gradient
+        return grad_x, grad_w, None
+
+
+def segment_mm(x_NK: Tensor, w_eKM: Tensor, segs: list[Segment]) -> Tensor:
+    """Differentiable grouped GEMM over row segments (see :class:`_SegmentMM`)."""
+    y: Tensor = _SegmentMM.apply(x_NK, w_eKM, segs)
+    return y
+
+
+def segment_order(counts_Se: Tensor, total: int) -> Tensor:
+    """Row positions that read rows ordered (segment, expert) in (expert, segment) order.
+
+    ``total`` is counts_Se.sum(), which the caller already has on the host (no second sync here).
+    """
+    S, e = counts_Se.shape
+    start_Se = torch.cumsum(counts_Se.reshape(-1), 0).reshape(S, e) - counts_Se
+    sizes_eS, start_eS = counts_Se.t().reshape(-1), start_Se.t().reshape(-1)
+    offset_eS = torch.cumsum(sizes_eS, 0) - sizes_eS
+    shift = torch.repeat_interleave(start_eS - offset_eS, sizes_eS, output_size=total)
+    return torch.arange(total, device=counts_Se.device) + shift
 
 
 class GroupedExperts(nn.Module):
@@ -121,33 +199,45 @@ class GroupedExperts(nn.Module):
         """The stacked expert tensors by state-dict name."""
         return dict(self.named_parameters())
 
-    def forward(self, x_ND: Tensor, counts_e: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, counts_Se: Tensor) -> Tensor:
         """Runs every local expert on its rows.
 
         Args:
-            x_ND: rows sorted by local expert.
-            counts_e: int64 [e], rows per local expert (sums to N).
+            x_ND: rows ordered by (segment, local expert): sorted by local expert when there is one
+                segment; with expert parallelism, one segment per source rank, as received.
+            counts_Se: int64 [S, e] (or [e] for one segment), rows per (segment, local expert);
+                sums to N.
 
         Returns:
             y_ND: the expert outputs, row for row.
         """
+        counts_Se = counts_Se.reshape(-1, self.num_local)
         w = self.weights()
         if _can_use_grouped_mm(x_ND, self.d_model, self.d_ff):
-            offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
-            expert_N = torch.repeat_interleave(
-                torch.arange(self.num_local, device=x_ND.device), counts_e,
-                output_size=x_ND.shape[0])
-            return ffn(x_ND, w, self.activation,
-                       mm=lambda a, b: F.grouped_mm(a, b, offs=offs_e),
-                       add_bias=lambda h, b: h + b[expert_N])
-        # NOTE: host-device sync: the row counts are needed on the host to slice the rows.
-        sizes = counts_e.tolist()
-        # Experts with no rows still run (on an empty slice): the output must always depend on
-        # x_ND and the weights, or a rank that received nothing would skip the backward
-        # all-to-alls that its peers wait in.
-        outputs = [ffn(x_nD, {k: v[i] for k, v in w.items()}, self.activation)
-                   for i, x_nD in enumerate(torch.split(x_ND, sizes))]
-        return torch.cat(outputs)
+            if counts_Se.shape[0] == 1:
+                return self._grouped_mm(x_ND, counts_Se[0], w)
+            order = segment_order(counts_Se, x_ND.shape[0])  # grouped_mm needs expert-major groups
+            y_ND = self._grouped_mm(x_ND.index_select(0, order), counts_Se.sum(0), w)
+            return y_ND.new_empty(y_ND.shape).index_copy(0, order, y_ND)
+        segs = segments(counts_Se)
+        # The segment GEMMs see every row and weight even when a segment list is empty, so the
+        # output always depends on them: a rank whose experts received nothing still runs the
+        # backward all-to-alls that its peers wait in.
+        expert_N = self._expert_of_rows(counts_Se, x_ND) if "b_in" in w or "b_out" in w else None
+        return ffn(x_ND, w, self.activation, mm=lambda a, b: segment_mm(a, b, segs),
+                   add_bias=lambda h, b: h + b[expert_N])
+
+    def _expert_of_rows(self, counts_Se: Tensor, x_ND: Tensor) -> Tensor:
+        experts_Se = torch.arange(self.num_local, device=x_ND.device).expand_as(counts_Se)
+        return torch.repeat_interleave(experts_Se.reshape(-1), counts_Se.reshape(-1),
+                                       output_size=x_ND.shape[0])
+
+    def _grouped_mm(self, x_ND: Tensor, counts_e: Tensor, w: dict[str, Tensor]) -> Tensor:
+        offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
+        expert_N = torch.repeat_interleave(torch.arange(self.num_local, device=x_ND.device), counts_e,
+                                           output_size=x_ND.shape[0])
+        return ffn(x_ND, w, self.activation, mm=lambda a, b: F.grouped_mm(a, b, offs=offs_e),
+                   add_bias=lambda h, b: h + b[expert_N])
 
 
 class FeedForward(nn.Module):
@@ -178,4 +268,5 @@ class FeedForward(nn.Module):
         return self.dropout(ffn(x_BLD, weights, self.activation))
 
 
-__all__ = ["ACTIVATIONS", "FeedForward", "GroupedExperts", "activate", "draw_base_seed", "ffn"]
+__all__ = ["ACTIVATIONS", "FeedForward", "GroupedExperts", "activate", "draw_base_seed", "ffn", "segment_mm",
+           "segment_order", "segments"]

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.profiler import record_function
 
 from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher
@@ -91,13 +92,19 @@ class MoE(nn.Module):
             return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)
         x_TD = x_BLD.reshape(B * L, D)
-        logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
+        # The record_function scopes name the phases in profiles (`expert-parallel bench --profile`).
+        with record_function("moe/router"):
+            logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
         if self.check_finite:
             self._check_finite(x_TD, logits_GSE, info)
-        plan, aux = self._route(logits_GSE)
-        dispatched = self.dispatcher.dispatch(x_TD, plan, info)
-        y_nD = self.experts(dispatched.x_nD, dispatched.counts_e)
-        y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
+        with record_function("moe/plan"):
+            plan, aux = self._route(logits_GSE)
+        with record_function("moe/dispatch"):
+            dispatched = self.dispatcher.dispatch(x_TD, plan, info)
+        with record_function("moe/experts"):
+            y_nD = self.experts(dispatched.x_nD, dispatched.counts_Se)
+        with record_function("moe/combine"):
+            y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
         aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm)
         return self.dropout(y_TD.reshape(B, L, D)), aux
 

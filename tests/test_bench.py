@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import torch
+
+from expert_parallel.bench import fitted_exponent, peak_bytes
 from tests.procs import run
 
+SMALL = ["--d-model", "32", "--d-ff", "64", "--repeats", "2", "--warmup", "1"]
 
-def test_bench_command_writes_medians_and_ratios(tmp_path: Path) -> None:
+
+def test_bench_command_writes_medians_ratios_and_peaks(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
-    out = run([sys.executable, "-m", "expert_parallel.cli", "bench", "--tokens", "128", "--d-model", "32",
-               "--d-ff", "64", "--repeats", "2", "--warmup", "1", "--no-deepspeed", "--json", str(out_json)],
-              timeout=300)
+    out = run([sys.executable, "-m", "expert_parallel.cli", "bench", "--tokens", "128", *SMALL,
+               "--profile", "--json", str(out_json)], timeout=300, env={"DS_ACCELERATOR": "cpu"})
     assert "ours" in out and "floor" in out
-    result = json.loads(out_json.read_text())
-    medians = result["median_s"]
-    assert set(medians) == {"ours", "floor"} and all(v > 0 for v in medians.values())
-    assert abs(result["ours_over_floor"] - medians["ours"] / medians["floor"]) < 1e-9
+    point = json.loads(out_json.read_text())["points"][0]
+    medians, peaks = point["median_s"], point["peak_bytes"]
+    assert {"ours", "floor-loop", "floor-bmm", "floor", "deepspeed"} <= set(medians)
+    assert all(v > 0 for v in medians.values()) and all(v > 0 for v in peaks.values())
+    assert medians["floor"] == min(medians["floor-loop"], medians["floor-bmm"])
+    assert abs(point["ours_over_floor"] - medians["ours"] / medians["floor"]) < 1e-9
+    assert abs(point["ours_over_deepspeed"] - medians["ours"] / medians["deepspeed"]) < 1e-9
+    shares = point["profile_shares"]
+    assert abs(sum(shares.values()) - 1) < 1e-6 and "expert GEMMs" in shares
+
+
+def test_bench_sweeps_write_points_and_a_plot(tmp_path: Path) -> None:
+    out_json, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    run([sys.executable, "-m", "expert_parallel.cli", "bench", *SMALL, "--no-deepspeed", "--sweep", "experts",
+         "--values", "8,16,32", "--tokens", "64", "--json", str(out_json), "--plot", str(plot)], timeout=300)
+    points = json.loads(out_json.read_text())["points"]
+    # fine-grained experts at fixed active compute: E·F and K·F held
+    assert [(p["num_experts"], p["d_ff"], p["top_k"]) for p in points] == [(8, 64, 2), (16, 32, 4), (32, 16, 8)]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fitted_exponent_recovers_a_power_law() -> None:
+    points = [{"tokens": t, "median_s": {"ours": 3e-6 * t**1.5}} for t in (1024, 2048, 4096, 8192)]
+    assert math.isclose(fitted_exponent(points, "ours"), 1.5, rel_tol=1e-9)
+
+
+def test_peak_bytes_counts_what_a_step_allocates() -> None:
+    def step() -> None:
+        a = torch.ones(1024, 1024)  # 4 MiB alive ...
+        b = a * 2  # ... plus 4 MiB at the peak
+        del a, b
+    assert 8 * 2**20 <= peak_bytes(step, torch.device("cpu")) < 9 * 2**20

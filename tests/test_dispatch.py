@@ -53,7 +53,7 @@ def test_dispatch_combine_round_trip_is_identity_with_gradient() -> None:
     x = torch.randn(T, D, requires_grad=True)
     d = LocalDispatcher()
     dispatched = d.dispatch(x, plan)
-    assert torch.equal(dispatched.counts_e, plan.counts_E)
+    assert torch.equal(dispatched.counts_Se, plan.counts_E[None])
     y = d.combine(dispatched.x_nD, dispatched, T)
     assert torch.equal(y, x)
     w = torch.randn(T, D)

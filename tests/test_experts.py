@@ -107,3 +107,45 @@ def test_full_state_dict_round_trip_and_bad_state_dicts() -> None:
         dst.load_full_state_dict({**good, "experts.w_in": good["experts.w_in"][:3]})
     with pytest.raises(ValueError, match=r"router\.weight"):
         dst.load_full_state_dict({**good, "router.weight": torch.zeros(4, 9)})
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_segmented_rows_equal_a_per_row_loop(activation: str, bias: bool) -> None:
+    """Rows ordered (segment, expert), with repeated experts and empty segments: outputs and every
+    gradient equal each row run alone through its expert's FFN (the literal definition)."""
+    torch.manual_seed(0)
+    cfg = ep.MoEConfig(d_model=8, d_ff=16, num_experts=3, activation=activation, bias=bias)
+    experts = GroupedExperts(cfg, base_seed=7)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    counts_Se = torch.tensor([[2, 0, 3], [1, 4, 0], [0, 0, 2]])  # 3 segments (e.g. source ranks)
+    x = torch.randn(int(counts_Se.sum()), 8, requires_grad=True)
+    w_out = torch.randn(x.shape[0], 8)
+    (experts(x, counts_Se) * w_out).sum().backward()
+    grads = {name: p.grad.clone() for name, p in experts.named_parameters()}
+    x_grad = x.grad.clone()
+    experts.zero_grad()
+    x.grad = None
+    expert_N = torch.arange(3).repeat(3).repeat_interleave(counts_Se.reshape(-1))
+    rows = [ep.experts.ffn(x[n:n + 1], {k: v[int(j)] for k, v in experts.weights().items()}, activation)
+            for n, j in enumerate(expert_N)]
+    expected = torch.cat(rows)
+    (expected * w_out).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4)  # N(0, 1) weights: values of order 10-100, summed in other orders
+    torch.testing.assert_close(experts(x.detach(), counts_Se), expected.detach(), **tol)
+    torch.testing.assert_close(x_grad, x.grad, **tol)
+    for name, p in experts.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name, **tol)
+
+
+def test_experts_without_rows_still_join_the_backward() -> None:
+    """No rows at all: the output is empty but part of the graph, and every weight gradient is zero."""
+    cfg = ep.MoEConfig(d_model=8, d_ff=16, num_experts=2)
+    experts = GroupedExperts(cfg, base_seed=7)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = experts(x, torch.zeros(2, 2, dtype=torch.int64))
+    assert y.shape == (0, 8) and y.requires_grad
+    y.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())

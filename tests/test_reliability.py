@@ -20,7 +20,6 @@ WORKER = str(WORKERS / "failures.py")
 
 @pytest.mark.parametrize("scenario, message", [
     ("config_mismatch", r"MoEConfig differs between the ranks of the expert-parallel group in \['top_k'\]"),
-    ("capacity_shapes", r"capacity mode needs the same local batch shape on every rank"),
     ("split_mismatch", r"MoE call 1, dispatch: split sizes disagree"),
     ("call_order", r"ranks are in different MoE calls"),
     ("nan_input", r"MoE call 1: NaN or Inf in the input"),
@@ -59,8 +58,10 @@ def test_a_failed_rank_makes_the_others_exit_with_a_named_error(launcher: str, s
         time.sleep(1)
         assert leftovers() == [], "processes left running"
         return
-    failed = re.search(r"FAILED ([\d.]+)s on rank 0: MoE call 3, dispatch \(sending rows \[\d+, \d+\], "
-                       r"receiving \[\d+, \d+\]\) on rank 0 failed", out)
+    # Rank 0 is normally in the dispatch all-to-all. It can still be reading the last bytes of call
+    # 3's count exchange when rank 1 dies: a reset connection drops them, and that phase is named.
+    failed = re.search(r"FAILED ([\d.]+)s on rank 0: MoE call 3, (dispatch \(sending rows \[\d+, \d+\], "
+                       r"receiving \[\d+, \d+\]\)|count exchange \([^)]*\)) on rank 0 failed", out)
     assert failed, out[-4000:]
     detect = float(failed.group(1))
     # within the timeout, plus at most the 5 s monitored barrier that names unresponsive ranks
