@@ -37,7 +37,8 @@ def test_bench_sweeps_write_points_and_a_plot(tmp_path: Path) -> None:
          "--values", "8,16,32", "--tokens", "64", "--json", str(out_json), "--plot", str(plot)], timeout=300)
     points = json.loads(out_json.read_text())["points"]
     # fine-grained experts at fixed active compute: E·F and K·F held
-    assert [(p["num_experts"], p["d_ff"], p["top_k"]) for p in points] == [(8, 64, 2), (16, 32, 4), (32, 16, 8)]
+    shapes = [(p["num_experts"], p["d_ff"], p["top_k"]) for p in points]
+    assert shapes == [(8, 64, 2), (16, 32, 4), (32, 16, 8)]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

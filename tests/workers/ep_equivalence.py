@@ -37,7 +37,8 @@ CASES = {
     "soft": (dict(router="soft", slots_per_expert=2), True, None, False),
     "dropless_uneven_batches": (dict(capacity_factor=None), True, "uneven", False),
     "capacity_uneven_batches": (dict(capacity_factor=1.0), True, "uneven", False),
-    "expert_choice_uneven_batches": (dict(router="expert_choice", capacity_factor=1.0), True, "uneven", False),
+    "expert_choice_uneven_batches": (dict(router="expert_choice", capacity_factor=1.0), True, "uneven",
+                                     False),
     "capacity_last_rank_idle": (dict(capacity_factor=1.0), True, None, True),
     "dropless_last_rank_idle": (dict(capacity_factor=None, top_k=1), True, "uneven", True),
 }
