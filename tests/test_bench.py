@@ -52,4 +52,9 @@ def test_peak_bytes_counts_what_a_step_allocates() -> None:
         a = torch.ones(1024, 1024)  # 4 MiB alive ...
         b = a * 2  # ... plus 4 MiB at the peak
         del a, b
-    assert 8 * 2**20 <= peak_bytes(step, torch.device("cpu")) < 9 * 2**20
+    cpu = torch.device("cpu")
+    assert 8 * 2**20 <= peak_bytes(step, cpu) < 9 * 2**20
+    kept: list[torch.Tensor] = []
+    peak_bytes(lambda: kept.append(torch.ones(1024, 1024)), cpu)  # allocated in one profile ...
+    kept.clear()  # ... and freed outside it: the next measurement must not count it
+    assert 8 * 2**20 <= peak_bytes(step, cpu) < 9 * 2**20
