@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--values", default=None, help="comma-separated sweep values (default 1k..32k tokens, 8..128 E)")
     add("--plot", type=Path, default=None, help="with --sweep: a PNG of time against the swept value")
     add("--profile", action="store_true", help="also break our step's time down by phase")
+    add("--overlap-probe", action="store_true",
+        help="measure how much of an all-to-all can hide behind expert GEMMs on this machine")
     add("--json", type=Path, default=None)
     add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -262,6 +264,8 @@ def _sweep_points(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the interleaved measurements; returns medians (seconds), peaks (bytes) and ratios."""
     ctx = init_distributed()
+    if args.overlap_probe:
+        return overlap_probe(ctx, args)
     points = [measure(_config(args, E, F, K), ctx, T, args) for T, E, F, K in _sweep_points(args)]
     result: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
@@ -278,6 +282,50 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             args.json.write_text(json.dumps(result, indent=2))
         if args.plot is not None and args.sweep is not None:
             plot_sweep(result, args.plot)
+    return result
+
+
+def overlap_probe(ctx: DistContext, args: argparse.Namespace) -> dict[str, Any]:
+    """The upper bound on what pipelining the exchange with the expert GEMMs could gain here.
+
+    Times, interleaved: (a) the expert GEMMs of one forward (T·K rows per rank), (b) the dispatch
+    all-to-all of those rows alone, (c) both at once (``async_op`` all-to-all while the GEMMs run).
+    hidden = (a + b - c) / b is the fraction of the exchange that overlap hides; a pipeline can
+    gain at most hidden · b per exchange.
+    """
+    rows, R = args.tokens * args.top_k, ctx.ep_size
+    x = torch.randn(rows, args.d_model, device=ctx.device)
+    w = torch.randn(args.d_model, args.d_ff, device=ctx.device)
+    out = torch.empty_like(x)
+    splits = [rows // R] * (R - 1) + [rows - rows // R * (R - 1)]
+
+    def gemm() -> None:
+        x @ w
+
+    def exchange(async_op: bool = False) -> Any:
+        return dist.all_to_all_single(out, x, splits, splits, group=ctx.ep_group, async_op=async_op)
+
+    def both() -> None:
+        work = exchange(async_op=True)
+        gemm()
+        work.wait()
+
+    steps = {"gemm": Variant(gemm, []), "exchange": Variant(exchange, []), "both": Variant(both, [])}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(args.warmup + args.repeats):
+        for name, step in steps.items():
+            elapsed = _time(step, ctx.device)
+            if repeat >= args.warmup:
+                times[name].append(elapsed)
+    a, b, c = (statistics.median(times[n]) for n in ("gemm", "exchange", "both"))
+    result = {"world_size": ctx.world_size, "ep_size": R, "rows": rows,
+              "median_s": {"gemm": a, "exchange": b, "both": c}, "hidden_fraction": (a + b - c) / b}
+    if ctx.rank == 0:
+        print(f"overlap probe, {R} ranks, {rows} rows of {args.d_model}: GEMM {a * 1e3:.1f} ms, all-to-all "
+              f"{b * 1e3:.1f} ms, both at once {c * 1e3:.1f} ms: overlap hides "
+              f"{result['hidden_fraction']:.0%} of the exchange")
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2))
     return result
 
 

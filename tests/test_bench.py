@@ -58,3 +58,14 @@ def test_peak_bytes_counts_what_a_step_allocates() -> None:
     peak_bytes(lambda: kept.append(torch.ones(1024, 1024)), cpu)  # allocated in one profile ...
     kept.clear()  # ... and freed outside it: the next measurement must not count it
     assert 8 * 2**20 <= peak_bytes(step, cpu) < 9 * 2**20
+
+
+def test_overlap_probe_under_torchrun(tmp_path: Path) -> None:
+    out_json = tmp_path / "probe.json"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "expert_parallel.cli", "bench", "--overlap-probe", "--tokens", "256", *SMALL,
+         "--json", str(out_json)], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    result = json.loads(out_json.read_text())
+    a, b, c = (result["median_s"][n] for n in ("gemm", "exchange", "both"))
+    assert result["ep_size"] == 2 and min(a, b, c) > 0
+    assert math.isclose(result["hidden_fraction"], (a + b - c) / b)
