@@ -10,10 +10,11 @@
   expert), with no routing and no exchange, in the faster of two forms, both timed: one batched
   ``torch.bmm`` over [e, rows, D] ("floor-bmm") and our per-expert GEMMs ("floor-loop").
 - **deepspeed**: ``deepspeed.moe.layer.MoE`` on the same shapes (when DeepSpeed is installed). Its
-  0.19.x layer dispatches by index into padded [E, C, D] buffers and runs its experts on all E·C slots.
-Each repeat times every variant once, in turn, so machine noise hits them alike; medians over the
-repeats after warm-up. Every step starts with no gradients (as after ``zero_grad``) and computes the
-input gradient too. Output: a table on rank 0 and, with --json, the numbers.
+  0.19.x layer dispatches by index into padded [E, C, D] buffers and runs its experts on all E·C
+  slots.
+Each repeat times every variant once, in turn (the order rotated each repeat), so machine noise hits
+them alike; medians over the repeats after warm-up. Every step starts with no gradients (as after
+``zero_grad``) and computes the input gradient too. Output: a table on rank 0 and, with --json, the numbers.
 """
 
 from __future__ import annotations
@@ -160,6 +161,25 @@ def _time(step: Variant, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _interleaved(variants: dict[str, Variant], warmup: int, repeats: int,
+                 device: torch.device) -> dict[str, list[float]]:
+    """Times every variant once per repeat, the order rotated by one each repeat.
+
+    The rotation matters on CPU: a step that follows a memory-hungry one (DeepSpeed at 32k tokens
+    leaves ~1.4 GiB freed) pays page faults for memory the previous step returned to the system.
+    Rotating spreads that over all variants, and the median drops it.
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(warmup + repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = _time(variants[name], device)
+            if repeat >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
 def peak_bytes(step: Step, device: torch.device) -> int:
     """Peak memory allocated by one call of ``step`` above what was allocated before it.
 
@@ -213,12 +233,7 @@ def measure(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namesp
     """Interleaved medians, peak memory and ratios of every variant at one configuration."""
     device = ctx.device
     variants, note = _variants(cfg, ctx, tokens, args, device)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(args.warmup + args.repeats):
-        for name, step in variants.items():
-            elapsed = _time(step, device)
-            if repeat >= args.warmup:
-                times[name].append(elapsed)
+    times = _interleaved(variants, args.warmup, args.repeats, device)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     peaks = torch.tensor([peak_bytes(step, device) for step in variants.values()], dtype=torch.float64)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # NOTE: collective: the largest rank's peak
@@ -311,12 +326,7 @@ def overlap_probe(ctx: DistContext, args: argparse.Namespace) -> dict[str, Any]:
         work.wait()
 
     steps = {"gemm": Variant(gemm, []), "exchange": Variant(exchange, []), "both": Variant(both, [])}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for repeat in range(args.warmup + args.repeats):
-        for name, step in steps.items():
-            elapsed = _time(step, ctx.device)
-            if repeat >= args.warmup:
-                times[name].append(elapsed)
+    times = _interleaved(steps, args.warmup, args.repeats, ctx.device)
     a, b, c = (statistics.median(times[n]) for n in ("gemm", "exchange", "both"))
     result = {"world_size": ctx.world_size, "ep_size": R, "rows": rows,
               "median_s": {"gemm": a, "exchange": b, "both": c}, "hidden_fraction": (a + b - c) / b}
