@@ -149,3 +149,26 @@ def test_experts_without_rows_still_join_the_backward() -> None:
     assert y.shape == (0, 8) and y.requires_grad
     y.sum().backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())
+
+
+def test_grouped_mm_path_reorders_segments_to_expert_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path (grouped_mm over expert-major groups) on rows from several segments: forced on
+    CPU, where torch's grouped_mm has a forward, it must equal the segment_mm path."""
+    import torch.nn.functional as F
+
+    from expert_parallel import experts as experts_module
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    torch.manual_seed(0)
+    cfg = ep.MoEConfig(d_model=16, d_ff=32, num_experts=3, activation="swiglu", bias=True)
+    experts = GroupedExperts(cfg, base_seed=7)
+    counts_Se = torch.tensor([[2, 0, 3], [1, 4, 0], [0, 0, 2]])
+    x = torch.randn(int(counts_Se.sum()), 16)
+    with torch.no_grad():
+        expected = experts(x, counts_Se)
+        monkeypatch.setattr(experts_module, "_can_use_grouped_mm", lambda *_: True)
+        try:
+            got = experts(x, counts_Se)
+        except (RuntimeError, NotImplementedError) as err:
+            pytest.skip(f"grouped_mm has no CPU kernel here: {err}")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
