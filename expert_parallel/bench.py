@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -341,10 +341,10 @@ def overlap_probe(ctx: DistContext, args: argparse.Namespace) -> dict[str, Any]:
 
 def fitted_exponent(points: list[dict[str, Any]], name: str) -> float:
     """b in time ≈ a · tokens^b, least squares on the log-log points where ``name`` was measured."""
-    xs = [math.log(p["tokens"]) for p in points if name in p["median_s"]]
-    ys = [math.log(p["median_s"][name]) for p in points if name in p["median_s"]]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    measured = [p for p in points if name in p["median_s"]]
+    xs = np.log([p["tokens"] for p in measured])
+    ys = np.log([p["median_s"][name] for p in measured])
+    return float(np.polyfit(xs, ys, 1)[0])
 
 
 # Profile phases: the record_function scopes of MoE.forward; their autograd nodes (matched by
@@ -364,14 +364,6 @@ def _label(scope: str, op: str) -> str:
     return _SCOPES[scope]
 
 
-def _scope_of(event: Any) -> str | None:
-    while event is not None:
-        if event.name in _SCOPES:
-            return str(event.name)
-        event = event.cpu_parent
-    return None
-
-
 def profile_shares(step: Step, steps: int) -> dict[str, float]:
     """Our step's wall time split by phase (shares of the total), forward and backward together."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -383,18 +375,19 @@ def profile_shares(step: Step, steps: int) -> dict[str, float]:
     seq_scope: dict[int, str] = {}
     spent: dict[str, float] = {}
     for event in events:
-        scope = _scope_of(event.cpu_parent)
-        if scope is None or event.cpu_parent.name not in _SCOPES:
+        parent = event.cpu_parent
+        if parent is None or parent.name not in _SCOPES:
             continue  # only the direct children of a scope, so nothing is counted twice
+        scope = str(parent.name)
         if event.sequence_nr >= 0:
             seq_scope[event.sequence_nr] = scope
         label = _label(scope, event.name)
         spent[label] = spent.get(label, 0.0) + event.cpu_time_total
     for event in events:
         if event.cpu_parent is None and event.name.startswith("autograd::engine::evaluate_function"):
-            scope = seq_scope.get(event.sequence_nr)
-            if scope is not None:
-                label = _label(scope, event.name)
+            owner = seq_scope.get(event.sequence_nr)
+            if owner is not None:
+                label = _label(owner, event.name)
                 spent[label] = spent.get(label, 0.0) + event.cpu_time_total
     spent["other (loss, autograd engine, gradient accumulation)"] = total_us - sum(spent.values())
     return {label: us / total_us for label, us in sorted(spent.items(), key=lambda kv: -kv[1])}

@@ -32,7 +32,7 @@ class CommReport:
         recv_rows: rows received from each peer in dispatch.
         row_elements: D, elements per row.
         element_size: bytes per element.
-        control_bytes: bytes this rank sent for counts (dropless count exchange, expert_counts sum).
+        control_bytes: bytes of per-expert counts in the count all-gather.
     """
 
     mode: str
@@ -66,7 +66,7 @@ class Dispatched:
         plan: the routing plan the rows came from.
         counts_E_global: int64 [E], kept rows per expert summed over the expert-parallel group.
         comm: the traffic report of this call.
-        state: whatever the dispatcher's combine needs (split sizes, permutations).
+        state: whatever the dispatcher's combine needs (split sizes, the call's info).
     """
 
     x_nD: Tensor

@@ -3,13 +3,11 @@
 Rows of a plan are sorted by (expert, group, slot), and rank q of the expert-parallel group owns experts
 [q·e, (q+1)·e), so the rows for each destination rank are one contiguous block.
 
-- Capacity mode (plan.capacity set): ranks all-gather their [E] counts (which aux needs anyway), and
-  each rank packs the rows for peer q at the start of a fixed block of e·G·C' rows (C' = min(C, S)),
-  the rest zeros. One ``all_to_all_single`` with equal splits, which need no host-side sizes, moves
-  the blocks. The receiver reads only the filled rows into expert-major order: the padding is for
-  the exchange, and costs no expert compute. Every rank needs the same G and C'.
-- Dropless mode (capacity None): ranks first exchange their per-expert counts (one all-gather of
-  [E] int64), then ``all_to_all_single`` moves exactly the kept rows with variable split sizes.
+One exchange serves capacity and dropless mode (capacity mode only adds drops, removed before any data
+moves): ranks all-gather their per-expert counts ([E] int64, which also gives the global
+expert_counts), then ``all_to_all_single`` moves exactly the kept rows with variable split sizes.
+Nothing is padded. The experts take the received rows as they are: one segment per source rank,
+sorted by local expert inside (``counts_Se`` = the received [R, e] counts).
 
 The way back is the mirror image. Gradients flow through both exchanges (``_AllToAll``).
 """

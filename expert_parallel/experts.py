@@ -234,8 +234,7 @@ class GroupedExperts(nn.Module):
 
     def _grouped_mm(self, x_ND: Tensor, counts_e: Tensor, w: dict[str, Tensor]) -> Tensor:
         offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
-        expert_N = torch.repeat_interleave(torch.arange(self.num_local, device=x_ND.device), counts_e,
-                                           output_size=x_ND.shape[0])
+        expert_N = self._expert_of_rows(counts_e[None], x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: F.grouped_mm(a, b, offs=offs_e),
                    add_bias=lambda h, b: h + b[expert_N])
 

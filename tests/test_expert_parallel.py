@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from expert_parallel.distributed import detect_launcher
-from expert_parallel.experts import segment_order as _chunk_order
+from expert_parallel.experts import segment_order
 from tests.procs import WORKERS, run, torchrun
 
 
@@ -36,11 +36,11 @@ def test_detect_launcher() -> None:
     assert detect_launcher({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}) == "torchrun"
 
 
-def test_chunk_order() -> None:
+def test_segment_order() -> None:
     # chunks from source 0: experts (a: 2 rows, b: 1 row); source 1: (a: 0, b: 3)
     sizes = torch.tensor([[2, 1], [0, 3]])
     received = torch.tensor([0, 1, 2, 3, 4, 5])  # a0 a0 b0 b1 b1 b1
-    assert received[_chunk_order(sizes, 6)].tolist() == [0, 1, 2, 3, 4, 5]
+    assert received[segment_order(sizes, 6)].tolist() == [0, 1, 2, 3, 4, 5]
     sizes = torch.tensor([[1, 2], [2, 1]])
     received = torch.tensor([10, 20, 21, 30, 31, 40])  # a0 | b0 b0 | a1 a1 | b1
-    assert received[_chunk_order(sizes, 6)].tolist() == [10, 30, 31, 20, 21, 40]
+    assert received[segment_order(sizes, 6)].tolist() == [10, 30, 31, 20, 21, 40]

@@ -1,7 +1,7 @@
 """Run as plain `python`: the single-process debug mode, and the all-to-all path at R = 1.
 
-The AllToAllDispatcher over a one-rank group (capacity buffers, dropless count exchange, the
-autograd all-to-all) must give exactly what the LocalDispatcher gives, for every router.
+The AllToAllDispatcher over a one-rank group (count all-gather, the autograd all-to-all in
+capacity and dropless mode) must give exactly what the LocalDispatcher gives, for every router.
 """
 
 from __future__ import annotations
