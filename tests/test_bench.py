@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
 from pathlib import Path
 
@@ -29,13 +30,18 @@ def test_bench_command_writes_medians_ratios_and_peaks(tmp_path: Path) -> None:
     assert abs(point["ours_over_deepspeed"] - medians["ours"] / medians["deepspeed"]) < 1e-9
     shares = point["profile_shares"]
     assert abs(sum(shares.values()) - 1) < 1e-6 and "expert GEMMs" in shares
+    if platform.libc_ver()[0] == "glibc":
+        assert json.loads(out_json.read_text())["malloc"] == "freed memory kept"
 
 
 def test_bench_sweeps_write_points_and_a_plot(tmp_path: Path) -> None:
     out_json, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     run([sys.executable, "-m", "expert_parallel.cli", "bench", *SMALL, "--no-deepspeed", "--sweep", "experts",
-         "--values", "8,16,32", "--tokens", "64", "--json", str(out_json), "--plot", str(plot)], timeout=300)
-    points = json.loads(out_json.read_text())["points"]
+         "--values", "8,16,32", "--tokens", "64", "--json", str(out_json), "--plot", str(plot),
+         "--default-malloc"], timeout=300)
+    result = json.loads(out_json.read_text())
+    assert result["malloc"] == "default"
+    points = result["points"]
     # fine-grained experts at fixed active compute: E·F and K·F held
     shapes = [(p["num_experts"], p["d_ff"], p["top_k"]) for p in points]
     assert shapes == [(8, 64, 2), (16, 32, 4), (32, 16, 8)]
@@ -69,3 +75,28 @@ def test_overlap_probe_under_torchrun(tmp_path: Path) -> None:
     a, b, c = (result["median_s"][n] for n in ("gemm", "exchange", "both"))
     assert result["ep_size"] == 2 and min(a, b, c) > 0
     assert math.isclose(result["hidden_fraction"], (a + b - c) / b)
+
+
+FAULTS = """
+import resource, sys, torch
+from expert_parallel.bench import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4)  # 64 MiB, written then freed
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])
+"""
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation() -> None:
+    """glibc maps a 64 MiB block afresh every time (16k page faults); with freed memory kept, the
+    fourth allocation reuses the heap's pages."""
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+        pytest.skip("glibc only")
+    default = int(run([sys.executable, "-c", FAULTS, "default"], timeout=120).split()[-1])
+    kept = int(run([sys.executable, "-c", FAULTS, "keep"], timeout=120).split()[-1])
+    assert default > 10_000 and kept < 100, (default, kept)

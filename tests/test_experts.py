@@ -172,3 +172,36 @@ def test_grouped_mm_path_reorders_segments_to_expert_major(monkeypatch: pytest.M
         except (RuntimeError, NotImplementedError) as err:
             pytest.skip(f"grouped_mm has no CPU kernel here: {err}")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_cpu_grouped_mm_path_equals_segment_mm(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                               activation: str) -> None:
+    """One segment of expert-major rows (one process) on CPU runs torch's grouped_mm with our
+    backward; an expert without rows included, outputs and every gradient must equal the segment_mm
+    path bit for bit (both are the same mm per expert)."""
+    from expert_parallel import experts as experts_module
+    torch.manual_seed(0)
+    cfg = ep.MoEConfig(d_model=16, d_ff=32, num_experts=4, activation=activation, bias=True, dtype=dtype)
+    experts = GroupedExperts(cfg, base_seed=7)
+    counts_e = torch.tensor([5, 0, 3, 6])
+    x = torch.randn(int(counts_e.sum()), 16, dtype=dtype)
+    if not experts_module._can_use_cpu_grouped_mm(x, 16, 32):
+        pytest.skip("this torch has no CPU grouped_mm kernel")
+    w_out = torch.randn(x.shape[0], 16, dtype=dtype)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        experts.zero_grad(set_to_none=True)
+        x_leaf = x.clone().requires_grad_()
+        y = experts(x_leaf, counts_e)
+        (y.float() * w_out.float()).sum().backward()
+        return (y.detach(), x_leaf.grad, *(p.grad for p in experts.parameters()))
+
+    grouped = run()
+    monkeypatch.setattr(experts_module, "_can_use_cpu_grouped_mm", lambda *_: False)
+    segment = run()
+    for name, a, b in zip(["y", "x.grad", *experts.weights()], grouped, segment, strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(grouped[2 + list(experts.weights()).index("w_in")][1],
+                       torch.zeros(16, 32, dtype=dtype))  # the expert without rows
