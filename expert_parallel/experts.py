@@ -110,11 +110,21 @@ def _cpu_grouped_mm_available() -> bool:
 
 def _can_use_cpu_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     # Expert-major rows (one segment) only: grouped_mm has no out= to write several segments' groups
-    # into one buffer. Strides must be multiples of 16 bytes.
+    # into one buffer. Strides must be row-major and multiples of 16 bytes.
     align = 16 // x_ND.element_size()
     return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16)
-            and d_model % align == 0 and d_ff % align == 0
+            and _row_major(x_ND) and d_model % align == 0 and d_ff % align == 0
             and _cpu_grouped_mm_available())
+
+
+def _row_major(t: Tensor) -> bool:
+    """Whether a 2-D tensor has the strides grouped_mm accepts (``is_contiguous`` also allows any
+    stride on empty or size-1 dimensions, such as the [0, 0] strides of an expanded gradient)."""
+    return t.stride() == (t.shape[1], 1)
+
+
+def _as_row_major(t: Tensor) -> Tensor:
+    return t if _row_major(t) else t.new_empty(t.shape).copy_(t)
 
 
 Segment = tuple[int, int, int]  # (first row, end row, local expert)
@@ -205,7 +215,7 @@ class _CPUGroupedMM(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x_NK, w_eKM, offs_e = ctx.saved_tensors
-        g_NM = g_NM.contiguous()
+        g_NM = _as_row_major(g_NM)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = F.grouped_mm(g_NM, w_eKM.transpose(-2, -1), offs=offs_e)

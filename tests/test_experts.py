@@ -140,12 +140,14 @@ def test_segmented_rows_equal_a_per_row_loop(activation: str, bias: bool) -> Non
         torch.testing.assert_close(grads[name], p.grad, msg=name, **tol)
 
 
-def test_experts_without_rows_still_join_the_backward() -> None:
-    """No rows at all: the output is empty but part of the graph, and every weight gradient is zero."""
+@pytest.mark.parametrize("segments", [1, 2])
+def test_experts_without_rows_still_join_the_backward(segments: int) -> None:
+    """No rows at all: the output is empty but part of the graph, and every weight gradient is zero
+    (one segment runs the CPU grouped_mm path, whose backward sees a [0, 0]-strided gradient)."""
     cfg = ep.MoEConfig(d_model=8, d_ff=16, num_experts=2)
     experts = GroupedExperts(cfg, base_seed=7)
     x = torch.randn(0, 8, requires_grad=True)
-    y = experts(x, torch.zeros(2, 2, dtype=torch.int64))
+    y = experts(x, torch.zeros(segments, 2, dtype=torch.int64))
     assert y.shape == (0, 8) and y.requires_grad
     y.sum().backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())
@@ -196,7 +198,7 @@ def test_cpu_grouped_mm_path_equals_segment_mm(monkeypatch: pytest.MonkeyPatch, 
         x_leaf = x.clone().requires_grad_()
         y = experts(x_leaf, counts_e)
         (y.float() * w_out.float()).sum().backward()
-        return (y.detach(), x_leaf.grad, *(p.grad for p in experts.parameters()))
+        return (y.detach(), x_leaf.grad, *(p.grad.clone() for p in experts.parameters()))
 
     grouped = run()
     monkeypatch.setattr(experts_module, "_can_use_cpu_grouped_mm", lambda *_: False)
