@@ -32,8 +32,11 @@ def test_planted_mistakes_are_clear_errors_on_every_rank(scenario: str, message:
 
 def launch(launcher: str, scenario: str) -> list[str]:
     if launcher == "torchrun":
+        # torchrun's agent stops the surviving workers as soon as it notices a dead one (it looks
+        # every --monitor-interval, 0.1 s by default), which can cut rank 0's report short while it
+        # is still in its error path; 5 s lets the report through (docs/reliability.md).
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                WORKER, scenario]
+                "--monitor-interval", "5", WORKER, scenario]
     if launcher == "mpi":
         return [require("mpiexec"), "-n", "2", sys.executable, WORKER, scenario]
     return [require("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), WORKER, scenario]
