@@ -90,10 +90,16 @@ def ffn(x_ND: Tensor, w: Mapping[str, Tensor], activation: str, mm: MatMul = _ma
     return y_ND
 
 
+def _aligned(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
+    """Whether rows of D and F elements of x's dtype have the 16-byte strides grouped_mm needs."""
+    align = 16 // x_ND.element_size()
+    return d_model % align == 0 and d_ff % align == 0
+
+
 def _can_use_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     # torch's CUDA grouped_mm kernel (with its own backward) needs bf16 and 16-byte aligned strides.
     return (hasattr(F, "grouped_mm") and x_ND.is_cuda and x_ND.dtype == torch.bfloat16
-            and d_model % 8 == 0 and d_ff % 8 == 0)
+            and _aligned(x_ND, d_model, d_ff))
 
 
 @functools.cache
@@ -111,10 +117,8 @@ def _cpu_grouped_mm_available() -> bool:
 def _can_use_cpu_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     # Expert-major rows (one segment) only: grouped_mm has no out= to write several segments' groups
     # into one buffer. Strides must be row-major and multiples of 16 bytes.
-    align = 16 // x_ND.element_size()
     return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16)
-            and _row_major(x_ND) and d_model % align == 0 and d_ff % align == 0
-            and _cpu_grouped_mm_available())
+            and _row_major(x_ND) and _aligned(x_ND, d_model, d_ff) and _cpu_grouped_mm_available())
 
 
 def _row_major(t: Tensor) -> bool:
@@ -201,7 +205,7 @@ class _CPUGroupedMM(torch.autograd.Function):
 
     torch's CPU grouped_mm has a forward but no backward (torch 2.13). Its kernel loops over the
     groups in C++, which is 3–8 % faster per GEMM than the same loop of ``torch.mm`` calls from Python
-    at ~500 rows per expert (measured in docs/benchmarks.md); the products are the same mm calls, so
+    at ~500 rows per expert (measured in docs/architecture.md); the products are the same mm calls, so
     the results are identical to :func:`segment_mm`.
     """
 

@@ -8,10 +8,13 @@ import platform
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from expert_parallel.bench import fitted_exponent, peak_bytes
 from tests.procs import run
+
+GLIBC = platform.libc_ver()[0] == "glibc"
 
 SMALL = ["--d-model", "32", "--d-ff", "64", "--repeats", "2", "--warmup", "1"]
 
@@ -30,7 +33,7 @@ def test_bench_command_writes_medians_ratios_and_peaks(tmp_path: Path) -> None:
     assert abs(point["ours_over_deepspeed"] - medians["ours"] / medians["deepspeed"]) < 1e-9
     shares = point["profile_shares"]
     assert abs(sum(shares.values()) - 1) < 1e-6 and "expert GEMMs" in shares
-    if platform.libc_ver()[0] == "glibc":
+    if GLIBC:
         assert json.loads(out_json.read_text())["malloc"] == "freed memory kept"
 
 
@@ -91,12 +94,11 @@ print(faults[-1])
 """
 
 
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_keep_freed_memory_stops_page_faults_on_reallocation() -> None:
     """glibc maps a 64 MiB block afresh every time (16k page faults); with freed memory kept, the
     fourth allocation reuses the heap's pages."""
-    if platform.libc_ver()[0] != "glibc":
-        import pytest
-        pytest.skip("glibc only")
     default = int(run([sys.executable, "-c", FAULTS, "default"], timeout=120).split()[-1])
     kept = int(run([sys.executable, "-c", FAULTS, "keep"], timeout=120).split()[-1])
     assert default > 10_000 and kept < 100, (default, kept)
+
