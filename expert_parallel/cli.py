@@ -60,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         bench.bench(args)
     else:
         demo.run(args)
+    _destroy_process_group()
     return 0
+
+
+def _destroy_process_group() -> None:
+    """Ends the process group the command started, while the interpreter is still whole: left to
+    interpreter teardown, gloo's worker threads (e.g. of an ``async_op`` all-to-all) can abort the
+    process with SIGABRT after it has done its work (seen in the bench's overlap probe)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

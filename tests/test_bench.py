@@ -102,3 +102,11 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation() -> None:
     kept = int(run([sys.executable, "-c", FAULTS, "keep"], timeout=120).split()[-1])
     assert default > 10_000 and kept < 100, (default, kept)
 
+
+def test_command_ends_its_process_group() -> None:
+    """The command destroys its process group itself; left to interpreter teardown, gloo's threads
+    sometimes aborted the overlap probe with SIGABRT after it had printed its result."""
+    code = ("import torch.distributed as dist; from expert_parallel.cli import main; "
+            "main(['bench', '--overlap-probe', '--tokens', '64', '--d-model', '32', '--d-ff', '64', "
+            "'--repeats', '2', '--warmup', '1']); print('initialized after:', dist.is_initialized())")
+    assert "initialized after: False" in run([sys.executable, "-c", code], timeout=120)
