@@ -7,7 +7,7 @@ Same as ``expert-parallel compare``; writes runs/compare/results.md and val_loss
 
 import sys
 
-from expert_parallel.cli import main
+from expert_parallel.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

@@ -8,7 +8,7 @@ Same as ``expert-parallel demo``.
 
 import sys
 
-from expert_parallel.cli import main
+from expert_parallel.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["demo", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ under every launcher in launch/. Same as ``expert-parallel train``.
 
 import sys
 
-from expert_parallel.cli import main
+from expert_parallel.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,30 +1,46 @@
 """expert_parallel: sparse Mixture-of-Experts layers with experts sharded across processes.
 
-Shape suffixes (a tensor's name ends in the letters of its dimensions):
-    B batch, L sequence length, D model dim, F expert hidden dim, T tokens (B*L, or a rank's local
-    tokens), G routing groups, S tokens per group, E experts (global), e experts on this rank,
-    K top-k, C capacity (slots per expert per group), N routed token copies (rows), n rows on this
-    rank's experts, M assignments before drops, R ranks in the expert-parallel group.
+Shape suffixes: a tensor's name ends in the letters of its dimensions (``x_BLD``, ``counts_Re``).
+Each letter has one meaning across the package (tests/test_layering.py holds names to this legend):
+
+    B  batch                                    L  sequence length
+    D  model dim                                F  expert hidden dim
+    T  tokens (B*L, or a rank's local tokens)   X  any leading dims of a router input
+    G  routing groups                           S  tokens per routing group
+    E  experts (global)                         e  experts on this rank
+    K  top-k (experts per token)                C  capacity (slots per expert per group)
+    J  soft-routing slots per group (E * slots_per_expert)
+    M  token-choice assignments before drops (S*K in a group, G*S*K in all)
+    N  routed rows: kept token copies (or soft slots)
+    n  rows that this rank's experts run
+    R  ranks in the expert-parallel group (one source per rank; R = 1 in one process)
+    W  ranks in the whole job (world size)
+    I  input width of a GEMM (D or F)           O  output width of a GEMM (D or F)
+
+The code is layered, and a module imports only from the layers below it (tests/test_layering.py):
+``config`` → ``ops`` (routing, plan, dispatch, experts, losses: math, no communication) →
+``comm`` (distributed, exchange, grads: every collective) → ``layer`` (MoE) →
+``integrations`` (checkpoint, deepspeed) → ``apps`` (the programs, with their own extra).
 """
 
-from . import checkpoint
-from .checkpoint import (
+from .comm.distributed import DistContext, LaunchEnv, detect_launcher, init_distributed, launch_env
+from .comm.exchange import CollectiveError
+from .comm.grads import clip_grad_norm_, grad_norm, sync_gradients
+from .config import MoEConfig
+from .integrations import checkpoint
+from .integrations.checkpoint import (
     export_single_device,
     import_single_device,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from .config import MoEConfig
-from .deepspeed_support import prepare_for_deepspeed
-from .dispatch import CommReport
-from .distributed import DistContext, LaunchEnv, detect_launcher, init_distributed, launch_env
-from .exchange import CollectiveError
-from .experts import FeedForward
-from .grads import clip_grad_norm_, grad_norm, sync_gradients
+from .integrations.deepspeed import prepare_for_deepspeed
 from .layer import MoE, configure_debug
-from .losses import MoEAux
-from .routing import (
+from .ops.dispatch import CommReport
+from .ops.experts import FeedForward
+from .ops.losses import MoEAux
+from .ops.routing import (
     ExpertChoiceOutput,
     ExpertChoiceRouter,
     NoisyTopKRouter,

@@ -10,14 +10,14 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.profiler import record_function
 
+from .comm.distributed import all_gather_cat, check_same_on_all_ranks, group_size_and_rank
+from .comm.exchange import AllToAllDispatcher, guarded
 from .config import MoEConfig
-from .dispatch import Dispatcher, LocalDispatcher
-from .distributed import all_gather_cat, check_same_on_all_ranks, group_size_and_rank
-from .exchange import AllToAllDispatcher, CallInfo, guarded
-from .experts import GroupedExperts, draw_base_seed
-from .losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
-from .plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
-from .routing import (
+from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
+from .ops.experts import GroupedExperts, draw_base_seed
+from .ops.losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
+from .ops.plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
+from .ops.routing import (
     ExpertChoiceRouter,
     capacity,
     expert_choice_from_logits,
@@ -69,8 +69,10 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg, draw_base_seed(), num_local=local,
                                       first=self.ep_rank * local)
         self.dispatcher: Dispatcher = LocalDispatcher()
+        self.health: ProcessGroup | None = None  # gloo group for failure diagnostics (expert parallel)
         if ep_group is not None and self.ep_size > 1:
-            self.dispatcher = AllToAllDispatcher(ep_group, cfg.num_experts)
+            exchange = AllToAllDispatcher(ep_group, cfg.num_experts)
+            self.dispatcher, self.health = exchange, exchange.health
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
@@ -86,8 +88,7 @@ class MoE(nn.Module):
         self._check_input(x_BLD)
         B, L, D = x_BLD.shape
         self.calls += 1
-        info = CallInfo(self.layer_name, self.calls, self.check_splits,
-                        getattr(self.dispatcher, "health", None))
+        info = CallInfo(self.layer_name, self.calls, self.check_splits)
         if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
             return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)
@@ -102,7 +103,7 @@ class MoE(nn.Module):
         with record_function("moe/dispatch"):
             dispatched = self.dispatcher.dispatch(x_TD, plan, info)
         with record_function("moe/experts"):
-            y_nD = self.experts(dispatched.x_nD, dispatched.counts_Se)
+            y_nD = self.experts(dispatched.x_nD, dispatched.counts_Re)
         with record_function("moe/combine"):
             y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
         aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm)
@@ -137,7 +138,7 @@ class MoE(nn.Module):
                             float(not torch.isfinite(logits_GSE).all())])
         if self.ep_group is not None and self.ep_size > 1:
             guarded(info, "finite check", "NaN/Inf flags", self.ep_group,
-                    lambda: dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ep_group))
+                    lambda: dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ep_group), self.health)
         if bad.any():
             where = "the input" if bad[0] else "the router logits"
             raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {where} "

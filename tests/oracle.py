@@ -185,3 +185,28 @@ def oracle_soft_moe(moe, x_BLD: torch.Tensor):
             outputs.append(sum(c[j].to(x_BLD.dtype) * slot_out[j] for j in range(E * P)))
     aux = _common_aux(cfg, all_logits, 0.0, 0.0, [G * P] * E)
     return torch.stack(outputs).reshape(B, L, D), aux
+
+
+def oracle_kept_assignments(idx_GSK: torch.Tensor, probs_GSE: torch.Tensor, capacity, drop_policy: str):
+    """Which (token, expert) assignments survive capacity, with loops: returns (kept set, counts [E]).
+
+    Tokens are numbered over all groups (t = g * S + s). Assignments are visited in API.md's priority
+    order (position: all first choices in token order, then all second choices, ...; probs: highest
+    router probability first, ties in position order); an assignment is kept while its expert has
+    fewer than ``capacity`` kept assignments in the group (None: all kept).
+    """
+    G, S, K = idx_GSK.shape
+    E = probs_GSE.shape[-1]
+    kept, counts = set(), [0] * E
+    for g in range(G):
+        priority = [(s, k) for k in range(K) for s in range(S)]
+        if drop_policy == "probs":
+            priority = sorted(priority, key=lambda sk: -probs_GSE[g, sk[0], idx_GSK[g, sk[0], sk[1]]].item())
+        fill = [0] * E
+        for s, k in priority:
+            e = int(idx_GSK[g, s, k])
+            if capacity is None or fill[e] < capacity:
+                fill[e] += 1
+                kept.add((g * S + s, e))
+        counts = [c + f for c, f in zip(counts, fill, strict=True)]
+    return kept, torch.tensor(counts)

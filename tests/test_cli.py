@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from expert_parallel.cli import main
+from expert_parallel.apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ def test_demo_loss_falls(capsys) -> None:
     out = capsys.readouterr().out
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", out)]
     assert len(losses) == 4 and losses[-1] < 0.9 * losses[0]
-    counts = [eval(c) for c in re.findall(r"counts (\[[\d, ]+\])", out)]
+    counts = [ast.literal_eval(c) for c in re.findall(r"counts (\[[\d, ]+\])", out)]
     assert all(len(c) == 8 for c in counts)
 
 
@@ -33,6 +34,6 @@ def test_example_script_and_info_run_as_processes() -> None:
     example = subprocess.run([sys.executable, str(ROOT / "examples" / "moe_demo.py"), "--steps", "2"],
                              capture_output=True, text=True, timeout=120, check=True)
     assert "step    2" in example.stdout
-    info = subprocess.run([sys.executable, "-m", "expert_parallel.cli", "info"],
+    info = subprocess.run([sys.executable, "-m", "expert_parallel", "info"],
                           capture_output=True, text=True, timeout=120, check=True)
     assert f"torch {torch.__version__}" in info.stdout

@@ -75,7 +75,7 @@ def test_dtype_names_and_frozen() -> None:
 
 
 def test_capacity_formula() -> None:
-    from expert_parallel.routing import capacity
+    from expert_parallel.ops.routing import capacity
     cfg = ep.MoEConfig(d_model=4, d_ff=4, num_experts=8, top_k=2, capacity_factor=1.25,
                        min_capacity=0)
     assert capacity(cfg, 4096, training=True) == 1280  # 1.25 * 4096 * 2 / 8

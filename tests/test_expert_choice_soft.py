@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import expert_parallel as ep
-from expert_parallel.plan import expert_choice_plan
+from expert_parallel.ops.plan import expert_choice_plan
 from tests.helpers import BASE, build, compare_with_oracle
 from tests.oracle import oracle_expert_choice_moe, oracle_soft_moe
 

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from expert_parallel.distributed import detect_launcher
-from expert_parallel.experts import segment_order
+from expert_parallel.comm.distributed import detect_launcher
+from expert_parallel.ops.experts import segment_order
 from tests.procs import WORKERS, run, torchrun
 
 

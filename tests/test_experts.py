@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import expert_parallel as ep
-from expert_parallel.experts import GroupedExperts
+from expert_parallel.ops.experts import GroupedExperts
+from expert_parallel.ops.experts import ffn as expert_ffn
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu"])
@@ -120,21 +121,21 @@ def test_segmented_rows_equal_a_per_row_loop(activation: str, bias: bool) -> Non
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_()
-    counts_Se = torch.tensor([[2, 0, 3], [1, 4, 0], [0, 0, 2]])  # 3 segments (e.g. source ranks)
-    x = torch.randn(int(counts_Se.sum()), 8, requires_grad=True)
+    counts_Re = torch.tensor([[2, 0, 3], [1, 4, 0], [0, 0, 2]])  # 3 segments (e.g. source ranks)
+    x = torch.randn(int(counts_Re.sum()), 8, requires_grad=True)
     w_out = torch.randn(x.shape[0], 8)
-    (experts(x, counts_Se) * w_out).sum().backward()
+    (experts(x, counts_Re) * w_out).sum().backward()
     grads = {name: p.grad.clone() for name, p in experts.named_parameters()}
     x_grad = x.grad.clone()
     experts.zero_grad()
     x.grad = None
-    expert_N = torch.arange(3).repeat(3).repeat_interleave(counts_Se.reshape(-1))
-    rows = [ep.experts.ffn(x[n:n + 1], {k: v[int(j)] for k, v in experts.weights().items()}, activation)
+    expert_N = torch.arange(3).repeat(3).repeat_interleave(counts_Re.reshape(-1))
+    rows = [expert_ffn(x[n:n + 1], {k: v[int(j)] for k, v in experts.weights().items()}, activation)
             for n, j in enumerate(expert_N)]
     expected = torch.cat(rows)
     (expected * w_out).sum().backward()
     tol = dict(rtol=1e-4, atol=1e-4)  # N(0, 1) weights: values of order 10-100, summed in other orders
-    torch.testing.assert_close(experts(x.detach(), counts_Se), expected.detach(), **tol)
+    torch.testing.assert_close(experts(x.detach(), counts_Re), expected.detach(), **tol)
     torch.testing.assert_close(x_grad, x.grad, **tol)
     for name, p in experts.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name, **tol)
@@ -158,19 +159,19 @@ def test_grouped_mm_path_reorders_segments_to_expert_major(monkeypatch: pytest.M
     CPU, where torch's grouped_mm has a forward, it must equal the segment_mm path."""
     import torch.nn.functional as F
 
-    from expert_parallel import experts as experts_module
+    from expert_parallel.ops import experts as experts_module
     if not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
     torch.manual_seed(0)
     cfg = ep.MoEConfig(d_model=16, d_ff=32, num_experts=3, activation="swiglu", bias=True)
     experts = GroupedExperts(cfg, base_seed=7)
-    counts_Se = torch.tensor([[2, 0, 3], [1, 4, 0], [0, 0, 2]])
-    x = torch.randn(int(counts_Se.sum()), 16)
+    counts_Re = torch.tensor([[2, 0, 3], [1, 4, 0], [0, 0, 2]])
+    x = torch.randn(int(counts_Re.sum()), 16)
     with torch.no_grad():
-        expected = experts(x, counts_Se)
+        expected = experts(x, counts_Re)
         monkeypatch.setattr(experts_module, "_can_use_grouped_mm", lambda *_: True)
         try:
-            got = experts(x, counts_Se)
+            got = experts(x, counts_Re)
         except (RuntimeError, NotImplementedError) as err:
             pytest.skip(f"grouped_mm has no CPU kernel here: {err}")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -183,7 +184,7 @@ def test_cpu_grouped_mm_path_equals_segment_mm(monkeypatch: pytest.MonkeyPatch, 
     """One segment of expert-major rows (one process) on CPU runs torch's grouped_mm with our
     backward; an expert without rows included, outputs and every gradient must equal the segment_mm
     path bit for bit (both are the same mm per expert)."""
-    from expert_parallel import experts as experts_module
+    from expert_parallel.ops import experts as experts_module
     torch.manual_seed(0)
     cfg = ep.MoEConfig(d_model=16, d_ff=32, num_experts=4, activation=activation, bias=True, dtype=dtype)
     experts = GroupedExperts(cfg, base_seed=7)

@@ -17,7 +17,7 @@ from dataclasses import astuple
 
 import pytest
 
-from expert_parallel.distributed import first_slurm_host, launch_env
+from expert_parallel.comm.distributed import first_slurm_host, launch_env
 from tests.procs import WORKERS, run, run_all
 
 CASES = ["--cases", "topk_k2_capacity_drops", "topk_k2_dropless", "expert_choice", "soft"]
@@ -168,7 +168,7 @@ def test_first_slurm_host(nodelist: str, first: str) -> None:
 
 
 def test_info_names_launcher() -> None:
-    out = run([sys.executable, "-m", "expert_parallel.cli", "info"], timeout=120)
+    out = run([sys.executable, "-m", "expert_parallel", "info"], timeout=120)
     assert "launcher none" in out and "backend gloo" in out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import expert_parallel as ep
-from expert_parallel.lm import LanguageModel, LMConfig
+from expert_parallel.apps.lm import LanguageModel, LMConfig
 
 D = 32
 
@@ -64,7 +64,7 @@ def test_equal_active_parameters_for_the_comparison() -> None:
     """train.model_config sizes experts so that dense, top-1, top-2 and EC use the same FFN width."""
     import argparse
 
-    from expert_parallel import compare, train
+    from expert_parallel.apps import compare, train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import expert_parallel as ep
 from tests.oracle import oracle_expert_choice_moe, oracle_soft_moe, oracle_topk_moe
-from tests.procs import torchrun
 
 D = 8
 
@@ -54,17 +52,6 @@ def test_random_configurations(case: tuple[ep.MoEConfig, tuple[int, int], bool],
     if plan.capacity is not None:
         assert per_block.max() <= plan.capacity
         assert (plan.slot_N < plan.capacity).all()
-    # accounting adds up
-    assert torch.equal(aux.expert_counts, torch.bincount(plan.expert_N, minlength=cfg.num_experts))
-    assert aux.expert_counts.sum() == plan.num_kept
-    if cfg.token_choice:
-        expected = 1 - plan.num_kept / (B * L * cfg.top_k)
-        assert math.isclose(aux.dropped_fraction.item(), expected, abs_tol=1e-6)
-    elif cfg.router == "expert_choice":
-        untaken = (torch.bincount(plan.token_N, minlength=B * L) == 0).float().mean().item()
-        assert math.isclose(aux.dropped_fraction.item(), untaken, abs_tol=1e-6)
-    else:
-        assert aux.dropped_fraction == 0
     # gates are non-negative; a token's combine weights sum to <= 1, and to 1 when nothing was dropped
     if plan.soft is None:
         assert (plan.gate_N >= 0).all()
@@ -74,21 +61,14 @@ def test_random_configurations(case: tuple[ep.MoEConfig, tuple[int, int], bool],
             whole = torch.bincount(plan.token_N, minlength=B * L) == cfg.top_k
             torch.testing.assert_close(per_token[whole], torch.ones(int(whole.sum())))
     else:
-        torch.testing.assert_close(plan.soft.combine_GSn.sum(-1), torch.ones(G, S))
-        slots = plan.soft.dispatch_GSn.shape[-1]
-        torch.testing.assert_close(plan.soft.dispatch_GSn.sum(1), torch.ones(G, slots))
-    # and the layer equals the literal oracle
-    y, _ = moe(x)
+        torch.testing.assert_close(plan.soft.combine_GSJ.sum(-1), torch.ones(G, S))
+        slots = plan.soft.dispatch_GSJ.shape[-1]
+        torch.testing.assert_close(plan.soft.dispatch_GSJ.sum(1), torch.ones(G, slots))
+    # the layer equals the literal oracle: outputs, kept assignments per expert, dropped fraction
+    y, aux = moe(x)
     oracles = {"expert_choice": lambda: oracle_expert_choice_moe(moe, x, training),
                "soft": lambda: oracle_soft_moe(moe, x)}
-    oracle = oracles.get(cfg.router, lambda: oracle_topk_moe(moe, x, training))
-    torch.testing.assert_close(y, oracle()[0], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("world, ep_size", [(2, 2), (4, 4), (4, 2)])
-def test_random_configurations_expert_parallel(world: int, ep_size: int) -> None:
-    """A seeded sample of random configurations (router, E, K, capacity or dropless, policy, groups,
-    activation, bias, uneven batches when dropless) on real gloo ranks == single device."""
-    out = torchrun(world, "ep_equivalence.py", "--ep-size", str(ep_size), "--random", "8",
-                   "--seed", str(100 + world + ep_size), "--cases")
-    assert f"ALL OK 9 under torchrun with {world} ranks" in out, out[-3000:]
+    y_ref, aux_ref = oracles.get(cfg.router, lambda: oracle_topk_moe(moe, x, training))()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(aux.expert_counts, aux_ref["expert_counts"])
+    assert math.isclose(aux.dropped_fraction.item(), aux_ref["dropped_fraction"], abs_tol=1e-6)

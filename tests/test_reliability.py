@@ -70,7 +70,9 @@ def test_a_failed_rank_makes_the_others_exit_with_a_named_error(launcher: str, s
     # within the timeout, plus at most the 5 s monitored barrier that names unresponsive ranks
     assert detect < TIMEOUT + 5 + 3, detect
     if scenario == "kill" and launcher == "torchrun":
-        assert detect < 1.0, detect  # a dead peer's closed connection is noticed at once
+        # a dead peer's closed connection is noticed without waiting for the timeout (measured:
+        # well under a second; the bound leaves room for a loaded runner)
+        assert detect < TIMEOUT - 1, detect
     if scenario == "hang":
         assert detect > TIMEOUT - 0.5, detect
         assert "Ranks 1 failed to pass monitoredBarrier" in out, out[-3000:]

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import expert_parallel as ep
-from expert_parallel.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
-from expert_parallel.lm import LanguageModel, LMConfig
+from expert_parallel.apps.lm import LanguageModel, LMConfig
+from expert_parallel.integrations.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 
 GLOBAL_BATCH, L = 8, 16
 

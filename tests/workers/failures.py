@@ -22,7 +22,7 @@ import time
 import torch
 
 import expert_parallel as ep
-import expert_parallel.exchange as exchange
+import expert_parallel.comm.exchange as exchange
 
 TIMEOUT = 6.0  # seconds: the process-group timeout of this test
 D = 8
@@ -48,10 +48,10 @@ def plant_in_dispatch(rank: int, action) -> None:  # type: ignore[no-untyped-def
     """On ``rank``, run ``action`` inside the dispatch all-to-all (the others are already in it)."""
     original = exchange.all_to_all
 
-    def planted(x, out_splits, in_splits, group, info=None, phase="all-to-all"):  # type: ignore[no-untyped-def]
+    def planted(x, out_splits, in_splits, group, info=None, phase="all-to-all", health=None):  # type: ignore[no-untyped-def]
         if phase == "dispatch" and torch.distributed.get_rank() == rank and info.call == 3:
             action(out_splits, in_splits)
-        return original(x, out_splits, in_splits, group, info, phase)
+        return original(x, out_splits, in_splits, group, info, phase, health)
 
     exchange.all_to_all = planted
 
@@ -68,10 +68,10 @@ def main() -> int:
         ep.configure_debug(layer, check_splits=True)
         original = exchange.all_to_all
 
-        def one_row_to_the_wrong_peer(x, out_splits, in_splits, group, info=None, phase=""):  # type: ignore[no-untyped-def]
+        def one_row_to_the_wrong_peer(x, out_splits, in_splits, group, info=None, phase="", health=None):  # type: ignore[no-untyped-def]
             if r == 1 and phase == "dispatch" and in_splits[0] > 0:
                 in_splits = [in_splits[0] - 1, in_splits[1] + 1]
-            return original(x, out_splits, in_splits, group, info, phase)
+            return original(x, out_splits, in_splits, group, info, phase, health)
 
         exchange.all_to_all = one_row_to_the_wrong_peer
         expect(exchange.CollectiveError, scenario, lambda: layer(x))

@@ -16,8 +16,8 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
 import expert_parallel as ep
-from expert_parallel.checkpoint import full_state_dict
-from expert_parallel.lm import LanguageModel, LMConfig
+from expert_parallel.apps.lm import LanguageModel, LMConfig
+from expert_parallel.integrations.checkpoint import full_state_dict
 
 
 def build() -> tuple[LanguageModel, torch.optim.Optimizer]:

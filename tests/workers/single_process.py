@@ -11,7 +11,7 @@ import sys
 import torch
 
 import expert_parallel as ep
-from expert_parallel.exchange import AllToAllDispatcher
+from expert_parallel.comm.exchange import AllToAllDispatcher
 
 CONFIGS = [
     dict(capacity_factor=0.5), dict(capacity_factor=None), dict(capacity_factor=0.75, drop_policy="probs"),

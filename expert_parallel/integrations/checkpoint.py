@@ -28,9 +28,9 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .distributed import DistContext
-from .grads import split_parameters
-from .layer import MoE
+from ..comm.distributed import DistContext
+from ..comm.grads import split_parameters
+from ..layer import MoE
 
 
 def _expert_ids(model: nn.Module) -> set[int]:

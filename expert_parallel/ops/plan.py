@@ -20,12 +20,12 @@ class SoftMix:
     """Soft MoE weights: rows are slot mixes of the group's tokens instead of token copies.
 
     Attributes:
-        dispatch_GSn: softmax over tokens; slot j of group g = sum_s dispatch[g, s, j] * x_s.
-        combine_GSn: softmax over slots; y_s = sum_j combine[g, s, j] * out_j.
+        dispatch_GSJ: softmax over tokens; slot j of group g = sum_s dispatch[g, s, j] * x_s.
+        combine_GSJ: softmax over slots; y_s = sum_j combine[g, s, j] * out_j.
     """
 
-    dispatch_GSn: Tensor
-    combine_GSn: Tensor
+    dispatch_GSJ: Tensor
+    combine_GSJ: Tensor
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,14 @@ def expert_choice_plan(tokens_GEC: Tensor, weights_GEC: Tensor, tokens_per_group
         dropped_fraction=1.0 - taken_T.float().mean())
 
 
-def soft_plan(dispatch_GSn: Tensor, combine_GSn: Tensor, num_experts: int) -> RoutingPlan:
-    """Plan for Soft MoE: n = E·P slots per group, P = slots per expert, every slot full."""
-    G, S, n = dispatch_GSn.shape
-    P = n // num_experts
-    expert_N, group_N, slot_N = _full_slots(num_experts, G, P, dispatch_GSn.device)
-    empty = torch.empty(0, dtype=torch.int64, device=dispatch_GSn.device)
+def soft_plan(dispatch_GSJ: Tensor, combine_GSJ: Tensor, num_experts: int) -> RoutingPlan:
+    """Plan for Soft MoE: J = E·P slots per group, P = slots per expert, every slot full."""
+    G, S, J = dispatch_GSJ.shape
+    P = J // num_experts
+    expert_N, group_N, slot_N = _full_slots(num_experts, G, P, dispatch_GSJ.device)
+    empty = torch.empty(0, dtype=torch.int64, device=dispatch_GSJ.device)
     return RoutingPlan(
         num_experts=num_experts, num_groups=G, tokens_per_group=S, capacity=P, token_N=empty,
-        expert_N=expert_N, group_N=group_N, slot_N=slot_N, gate_N=dispatch_GSn.new_empty(0),
-        counts_E=torch.full((num_experts,), G * P, dtype=torch.int64, device=dispatch_GSn.device),
-        dropped_fraction=torch.tensor(0.0), soft=SoftMix(dispatch_GSn, combine_GSn))
+        expert_N=expert_N, group_N=group_N, slot_N=slot_N, gate_N=dispatch_GSJ.new_empty(0),
+        counts_E=torch.full((num_experts,), G * P, dtype=torch.int64, device=dispatch_GSJ.device),
+        dropped_fraction=torch.tensor(0.0), soft=SoftMix(dispatch_GSJ, combine_GSJ))

@@ -24,8 +24,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import DistContext
-from .layer import MoE
+from ..comm.distributed import DistContext
+from ..layer import MoE
 
 
 def _check_groups(module: Any) -> None:

@@ -24,12 +24,17 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import export_single_device, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import MoEConfig
-from .distributed import DistContext, init_distributed
-from .grads import clip_grad_norm_, sync_gradients
+from ..comm.distributed import DistContext, init_distributed
+from ..comm.grads import clip_grad_norm_, sync_gradients
+from ..config import MoEConfig
+from ..integrations.checkpoint import (
+    export_single_device,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ..ops.losses import MoEAux
 from .lm import LanguageModel, LMConfig
-from .losses import MoEAux
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,88 +177,132 @@ def _line(rec: dict[str, Any]) -> str:
     return text + f"  {rec['tokens_per_s']:,.0f} tok/s"
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the training; returns a summary (initial/final loss, validation loss, tokens/s)."""
+@dataclass
+class Run:
+    """Everything one training run holds: the job, the model and optimizer, the data and the logs."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    train_data: Tensor
+    val_data: Tensor
+    gen: torch.Generator
+    """Draws the global batches; seeded alike on every rank, so every rank draws the same ones."""
+    traffic: Traffic
+    records: list[dict[str, Any]]
+
+    @property
+    def leader(self) -> bool:
+        return self.ctx.rank == 0
+
+    def local_slice(self, batch: Tensor) -> Tensor:
+        """This rank's sequences of a global batch, on this rank's device."""
+        local = self.args.batch_size // self.ctx.world_size
+        return batch[self.ctx.rank * local:(self.ctx.rank + 1) * local].to(self.ctx.device)
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Process groups, data, the model on this rank's device and its optimizer."""
     ctx = init_distributed(ep_size=args.ep_size)
     if args.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
                          f"{ctx.world_size}")
     data = load_corpus(args.data)
     split = int(0.9 * data.numel())
-    train_data, val_data = data[:split], data[split:]
     torch.manual_seed(args.seed)
-    model = LanguageModel(model_config(args), ep_group=ctx.ep_group)
+    model = LanguageModel(model_config(args), ep_group=ctx.ep_group).to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed + 1)  # same global batches on every rank
-    local, leader = args.batch_size // ctx.world_size, ctx.rank == 0
-    out: Path = args.out
-    if leader:
-        out.mkdir(parents=True, exist_ok=True)
+    run = Run(args, ctx, model, optimizer, data[:split], data[split:],
+              gen=torch.Generator().manual_seed(args.seed + 1), traffic=Traffic(ctx.world_size),
+              records=[])
+    if run.leader:
+        args.out.mkdir(parents=True, exist_ok=True)
         tqdm.write(f"{len(data):,} bytes of text; {ctx.world_size} rank(s) launched by {ctx.launcher}, "
                    f"ep_size {ctx.ep_size}, dp_size {ctx.dp_size}; "
                    f"{model.active_parameters_per_token():,} active parameters per token")
-    traffic, records = Traffic(ctx.world_size), list[dict[str, Any]]()
-    ckpt_dir: Path = args.ckpt_dir or out / "checkpoints"
-    first = resume(args, ckpt_dir, model, optimizer, ctx, gen, traffic, records) if args.resume else 1
-    if leader:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    bar = tqdm(range(first, args.steps + 1), disable=not leader, desc="train", unit="step",
-               initial=first - 1, total=args.steps)
-    for step in bar:
-        start = time.perf_counter()
-        x, y = get_batch(train_data, args.batch_size, args.seq_len, gen)
-        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
-        task, total, auxes = model.loss(x[sl], y[sl])
-        optimizer.zero_grad()
-        total.backward()
-        sync_gradients(model, ctx)
-        clip_grad_norm_(model, 1.0, ctx)
-        optimizer.step()
-        stats = step_stats(ctx, task, auxes)
-        elapsed = time.perf_counter() - start
-        rec = {"step": step, **{k: v for k, v in stats.items() if k != "sent_bytes"},
-               "tokens_per_s": args.batch_size * args.seq_len / elapsed}
-        if "sent_bytes" in stats:
-            traffic.add(stats["sent_bytes"], ctx.ep_size)
-        if step % args.eval_every == 0 or step == args.steps:
-            rec["val_loss"] = evaluate(model, ctx, val_data, args)
-        if leader:
-            records.append(rec)
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if step == 1 or step % args.log_every == 0 or "val_loss" in rec:
-                tqdm.write(_line(rec))
-        if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(ckpt_dir, model, optimizer, ctx, step, meta={
-                "data_rng": gen.get_state(), "traffic": traffic.matrix})
-    summary = summarize(records, args, model.active_parameters_per_token()) if leader else {}
-    if leader and not args.no_plots:
+    return run
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step on the next global batch; returns the step's record (world-wide stats)."""
+    args, ctx, model = run.args, run.ctx, run.model
+    start = time.perf_counter()
+    x, y = get_batch(run.train_data, args.batch_size, args.seq_len, run.gen)
+    task, total, auxes = model.loss(run.local_slice(x), run.local_slice(y))
+    run.optimizer.zero_grad()
+    total.backward()
+    sync_gradients(model, ctx)
+    clip_grad_norm_(model, 1.0, ctx)
+    run.optimizer.step()
+    stats = step_stats(ctx, task, auxes)
+    elapsed = time.perf_counter() - start
+    if "sent_bytes" in stats:
+        run.traffic.add(stats.pop("sent_bytes"), ctx.ep_size)
+    rec = {"step": step, **stats, "tokens_per_s": args.batch_size * args.seq_len / elapsed}
+    if step % args.eval_every == 0 or step == args.steps:
+        rec["val_loss"] = evaluate(model, ctx, run.val_data, args)
+    return rec
+
+
+def log_step(run: Run, rec: dict[str, Any], bar: tqdm) -> None:
+    """Rank 0: the record into metrics.jsonl, the progress bar, and a line every --log-every steps."""
+    if not run.leader:
+        return
+    run.records.append(rec)
+    with (run.args.out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    bar.set_postfix(loss=f"{rec['loss']:.3f}")
+    if rec["step"] == 1 or rec["step"] % run.args.log_every == 0 or "val_loss" in rec:
+        tqdm.write(_line(rec))
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Summary and plots (rank 0), and the single-device export if asked."""
+    args, out = run.args, run.args.out
+    summary = summarize(run.records, args, run.model.active_parameters_per_token()) if run.leader else {}
+    if run.leader and not args.no_plots:
         from .plots import write_plots
-        write_plots(out, records, traffic.matrix)
-    if leader:
+        write_plots(out, run.records, run.traffic.matrix)
+    if run.leader:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.export is not None:
-        export_single_device(model, args.export, ctx)
+        export_single_device(run.model, args.export, run.ctx)
     return summary
 
 
-def resume(args: argparse.Namespace, ckpt_dir: Path, model: LanguageModel,
-           optimizer: torch.optim.Optimizer, ctx: DistContext, gen: torch.Generator,
-           traffic: Traffic, records: list[dict[str, Any]]) -> int:
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the training; returns a summary (initial/final loss, validation loss, tokens/s)."""
+    run = setup(args)
+    ckpt_dir: Path = args.ckpt_dir or args.out / "checkpoints"
+    first = resume(run, ckpt_dir) if args.resume else 1
+    if run.leader:
+        (args.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.records))
+    bar = tqdm(range(first, args.steps + 1), disable=not run.leader, desc="train", unit="step",
+               initial=first - 1, total=args.steps)
+    for step in bar:
+        log_step(run, train_step(run, step), bar)
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            save_checkpoint(ckpt_dir, run.model, run.optimizer, run.ctx, step, meta={
+                "data_rng": run.gen.get_state(), "traffic": run.traffic.matrix})
+    return finish(run)
+
+
+def resume(run: Run, ckpt_dir: Path) -> int:
     """Loads the latest checkpoint (any layout) and the metrics up to it; returns the next step."""
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         return 1
-    meta = load_checkpoint(path, model, optimizer, ctx,
-                           meta={"data_rng": gen.get_state(), "traffic": traffic.matrix})
-    gen.set_state(meta["data_rng"])
+    ctx = run.ctx
+    meta = load_checkpoint(path, run.model, run.optimizer, ctx,
+                           meta={"data_rng": run.gen.get_state(), "traffic": run.traffic.matrix})
+    run.gen.set_state(meta["data_rng"])
     if len(meta["traffic"]) == ctx.world_size:  # same world: keep counting the traffic
-        traffic.matrix = meta["traffic"]
-    metrics = args.out / "metrics.jsonl"
+        run.traffic.matrix = meta["traffic"]
+    metrics = run.args.out / "metrics.jsonl"
     if ctx.rank == 0 and metrics.exists():
         old = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        records.extend(r for r in old if r["step"] <= meta["step"])
+        run.records.extend(r for r in old if r["step"] <= meta["step"])
     if ctx.rank == 0:
         tqdm.write(f"resumed from {path} (step {meta['step']})")
     return int(meta["step"]) + 1

@@ -7,7 +7,7 @@ One exchange serves capacity and dropless mode (capacity mode only adds drops, r
 moves): ranks all-gather their per-expert counts ([E] int64, which also gives the global
 expert_counts), then ``all_to_all_single`` moves exactly the kept rows with variable split sizes.
 Nothing is padded. The experts take the received rows as they are: one segment per source rank,
-sorted by local expert inside (``counts_Se`` = the received [R, e] counts).
+sorted by local expert inside (``counts_Re`` = the received [R, e] counts).
 
 The way back is the mirror image. Gradients flow through both exchanges (``_AllToAll``).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -25,32 +24,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .dispatch import CommReport, Dispatched, combine_rows, gather_rows
-from .plan import RoutingPlan
+from ..ops.dispatch import CallInfo, CommReport, Dispatched, ExchangeState, combine_rows, gather_rows
+from ..ops.plan import RoutingPlan
 
 T = TypeVar("T")
 
 
 class CollectiveError(RuntimeError):
     """A collective of an MoE call failed or timed out; the message says which layer, call and phase."""
-
-
-@dataclass(frozen=True)
-class CallInfo:
-    """Which MoE call a collective belongs to, for error messages and opt-in debug checks.
-
-    Attributes:
-        layer: the layer's name (its qualified name in the model once ``ep.configure_debug`` ran).
-        call: the layer's call number (1, 2, ...).
-        check_splits: cross-check split sizes between ranks before every exchange (debug mode).
-        health: a gloo group over the same ranks that data collectives never use: after a failure
-            its monitored barrier still reaches every live rank and names the ones that do not answer.
-    """
-
-    layer: str = "MoE"
-    call: int = 0
-    check_splits: bool = False
-    health: ProcessGroup | None = None
 
 
 def _unresponsive_ranks(health: ProcessGroup | None) -> str:
@@ -64,8 +45,13 @@ def _unresponsive_ranks(health: ProcessGroup | None) -> str:
     return " [monitored barrier: every rank of the group answered]"
 
 
-def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Callable[[], T]) -> T:
-    """Runs one collective; a failure becomes a CollectiveError naming layer, call, phase, sizes."""
+def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Callable[[], T],
+            health: ProcessGroup | None = None) -> T:
+    """Runs one collective; a failure becomes a CollectiveError naming layer, call, phase, sizes.
+
+    ``health``: a gloo group over the same ranks that data collectives never use; after a failure its
+    monitored barrier still reaches every live rank and names the ones that do not answer.
+    """
     try:
         return fn()
     except RuntimeError as err:
@@ -73,7 +59,7 @@ def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Ca
             raise
         where = f"{info.layer} call {info.call}, {phase} ({detail}) on rank {dist.get_rank()}"
         raise CollectiveError(f"{where} failed: {str(err).splitlines()[0]}"
-                              f"{_unresponsive_ranks(info.health)}") from err
+                              f"{_unresponsive_ranks(health)}") from err
 
 
 class _AllToAll(torch.autograd.Function):
@@ -85,13 +71,14 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, out_splits: list[int], in_splits: list[int],
-                group: ProcessGroup, info: CallInfo, phase: str) -> Tensor:
+                group: ProcessGroup, info: CallInfo, phase: str, health: ProcessGroup | None) -> Tensor:
         ctx.splits, ctx.group, ctx.info, ctx.phase = (out_splits, in_splits), group, info, phase
+        ctx.health = health
         out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
         detail = f"sending rows {in_splits}, receiving {out_splits}"
         # NOTE: collective (all-to-all over the expert-parallel group).
         guarded(info, phase, detail, group, lambda: dist.all_to_all_single(
-            out, x_ND.contiguous(), out_splits, in_splits, group=group))
+            out, x_ND.contiguous(), out_splits, in_splits, group=group), health)
         return out
 
     @staticmethod
@@ -101,20 +88,22 @@ class _AllToAll(torch.autograd.Function):
         detail = f"sending gradient rows {out_splits}, receiving {in_splits}"
         # NOTE: collective (all-to-all of the gradients, splits swapped).
         guarded(ctx.info, f"{ctx.phase} backward", detail, ctx.group, lambda: dist.all_to_all_single(
-            grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group))
-        return grad_in, None, None, None, None, None
+            grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group), ctx.health)
+        return grad_in, None, None, None, None, None, None
 
 
 def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup,
-               info: CallInfo | None = None, phase: str = "all-to-all") -> Tensor:
+               info: CallInfo | None = None, phase: str = "all-to-all",
+               health: ProcessGroup | None = None) -> Tensor:
     """Differentiable all_to_all_single over ``group`` (rows of x split by in_splits)."""
     if info is not None and info.check_splits:
-        check_splits(in_splits, out_splits, group, info, phase)
-    out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group, info or CallInfo(), phase)
+        check_splits(in_splits, out_splits, group, info, phase, health)
+    out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group, info or CallInfo(), phase, health)
     return out
 
 
-def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: CallInfo, phase: str) -> None:
+def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: CallInfo, phase: str,
+                 health: ProcessGroup | None = None) -> None:
     """Debug mode: all ranks must be in the same layer call, and each rank's receive sizes must equal
     what its peers send (gloo would silently read garbage). Decided together: every rank raises."""
     R, me = len(send), dist.get_rank(group)
@@ -122,7 +111,7 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
     table = [torch.zeros_like(mine) for _ in range(R)]
     # NOTE: collective (debug mode only): all-gather of (layer, call, send sizes).
     guarded(info, f"{phase} split check", f"sending {send}", group,
-            lambda: dist.all_gather(table, mine, group=group))
+            lambda: dist.all_gather(table, mine, group=group), health)
     calls = {(int(t[0]), int(t[1])) for t in table}
     expected = [int(table[q][2 + me]) for q in range(R)]
     problem = ""
@@ -136,19 +125,10 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
                    f"this rank expects {[recv[q] for q in bad]}")
     flag = torch.tensor([1 if problem else 0])
     guarded(info, f"{phase} split check", "agreement flag", group,  # NOTE: collective
-            lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group))
+            lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group), health)
     if flag.item():
         raise CollectiveError(f"{info.layer} call {info.call}, {phase}: "
                               f"{problem or 'a peer found mismatched split sizes or call order'}")
-
-
-@dataclass(frozen=True)
-class _Exchange:
-    """What combine needs to send the expert outputs back (kept in Dispatched.state)."""
-
-    send_rows: list[int]
-    recv_rows: list[int]
-    info: CallInfo  # for the combine's error messages and debug checks
 
 
 class AllToAllDispatcher:
@@ -168,9 +148,12 @@ class AllToAllDispatcher:
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Sends the expert outputs back to the ranks of their tokens and combines them there."""
-        ex: _Exchange = dispatched.state
+        ex = dispatched.exchange
+        if ex is None:
+            raise ValueError("combine got a Dispatched without exchange sizes: it was not made by "
+                             "this dispatcher's dispatch")
         # The experts kept the received order, so the rows go straight back.
-        y_rows = all_to_all(y_nD, ex.send_rows, ex.recv_rows, self.group, ex.info, "combine")
+        y_rows = all_to_all(y_nD, ex.send_rows, ex.recv_rows, self.group, ex.info, "combine", self.health)
         return combine_rows(y_rows, dispatched.plan, num_tokens)
 
     def _exchange(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
@@ -180,18 +163,18 @@ class AllToAllDispatcher:
         gathered = [torch.empty_like(plan.counts_E) for _ in range(R)]
         # NOTE: collective: all-gather of the [E] counts over the expert-parallel group.
         guarded(info, "count exchange", f"{plan.num_kept} rows to send", self.group,
-                lambda: dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group))
+                lambda: dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group), self.health)
         counts_RE = torch.stack(gathered)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         # NOTE: host-device sync: split sizes are needed on the host.
         send_rows = plan.counts_E.reshape(R, e).sum(1).tolist()
         recv_rows = recv_Re.sum(1).tolist()
         # 2. Variable-size all-to-all of exactly the kept rows.
-        recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch")
+        recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch", self.health)
         # 3. The experts take the rows as received: one segment per source rank, expert-major inside.
         mode = "dropless" if plan.capacity is None else "capacity"
         report = CommReport(mode, tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
                             control_bytes=R * plan.counts_E.numel() * 8)
-        ex = _Exchange(send_rows, recv_rows, info)
+        ex = ExchangeState(send_rows, recv_rows, info)
         return Dispatched(recv, recv_Re, plan,
-                          counts_E_global=counts_RE.sum(0), comm=report, state=ex)
+                          counts_E_global=counts_RE.sum(0), comm=report, exchange=ex)

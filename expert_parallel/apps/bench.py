@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import MoEConfig
-from .distributed import DistContext, init_distributed
-from .experts import GroupedExperts, ffn
-from .layer import MoE
+from ..comm.distributed import DistContext, init_distributed
+from ..config import MoEConfig
+from ..layer import MoE
+from ..ops.experts import GroupedExperts, ffn
 
 
 def _float_or_none(text: str) -> float | None:

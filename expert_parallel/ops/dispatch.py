@@ -55,32 +55,62 @@ class CommReport:
 
 
 @dataclass(frozen=True)
+class CallInfo:
+    """Which MoE call a dispatch belongs to, for error messages and the opt-in debug checks.
+
+    Attributes:
+        layer: the layer's name (its qualified name in the model once ``ep.configure_debug`` ran).
+        call: the layer's call number (1, 2, ...).
+        check_splits: cross-check split sizes between ranks before every exchange (debug mode).
+    """
+
+    layer: str = "MoE"
+    call: int = 0
+    check_splits: bool = False
+
+
+@dataclass(frozen=True)
+class ExchangeState:
+    """What an expert-parallel combine needs to send the expert outputs back.
+
+    Attributes:
+        send_rows: rows this rank sent to each rank of the group in dispatch ([R]).
+        recv_rows: rows it received from each rank ([R]); combine sends these back.
+        info: the call, for the combine's error messages and debug checks.
+    """
+
+    send_rows: list[int]
+    recv_rows: list[int]
+    info: CallInfo
+
+
+@dataclass(frozen=True)
 class Dispatched:
     """What dispatch hands to the experts and, through the caller, to combine.
 
     Attributes:
-        x_nD: rows for this rank's experts, ordered (segment, local expert): one segment (sorted by
-            expert) in one process, one segment per source rank, as received, under expert
-            parallelism.
-        counts_Se: int64 [S, e], rows per (segment, local expert).
+        x_nD: rows for this rank's experts, ordered (source rank, local expert): in one process
+            one source (sorted by expert); under expert parallelism one block per source rank of
+            the group, as received.
+        counts_Re: int64 [R, e], rows per (source rank, local expert); R = 1 in one process.
         plan: the routing plan the rows came from.
         counts_E_global: int64 [E], kept rows per expert summed over the expert-parallel group.
         comm: the traffic report of this call.
-        state: whatever the dispatcher's combine needs (split sizes, the call's info).
+        exchange: the split sizes of the exchange (None when nothing was exchanged).
     """
 
     x_nD: Tensor
-    counts_Se: Tensor
+    counts_Re: Tensor
     plan: RoutingPlan
     counts_E_global: Tensor
     comm: CommReport
-    state: Any = None
+    exchange: ExchangeState | None = None
 
 
 class Dispatcher(Protocol):
     """Moves routed token copies to the experts that own them and the outputs back."""
 
-    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: Any = None) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Rows of x for this rank's experts (``info``: the call, for error messages)."""
         ...
 
@@ -100,9 +130,9 @@ def _soft_slots(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
     """Soft MoE slots: every slot a dispatch-weighted mix of its group's tokens, rows (e, g, p)."""
     assert plan.soft is not None
     G, S, E = plan.num_groups, plan.tokens_per_group, plan.num_experts
-    dispatch_GSn = plan.soft.dispatch_GSn.to(x_TD.dtype)
-    slots_GnD = torch.einsum("gsn,gsd->gnd", dispatch_GSn, x_TD.reshape(G, S, -1))
-    return slots_GnD.reshape(G, E, -1, x_TD.shape[-1]).transpose(0, 1).reshape(-1, x_TD.shape[-1])
+    dispatch_GSJ = plan.soft.dispatch_GSJ.to(x_TD.dtype)
+    slots_GJD = torch.einsum("gsn,gsd->gnd", dispatch_GSJ, x_TD.reshape(G, S, -1))
+    return slots_GJD.reshape(G, E, -1, x_TD.shape[-1]).transpose(0, 1).reshape(-1, x_TD.shape[-1])
 
 
 def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
@@ -112,9 +142,9 @@ def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
     """
     if plan.soft is not None:
         G, E, D = plan.num_groups, plan.num_experts, y_ND.shape[-1]
-        y_GnD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
-        combine_GSn = plan.soft.combine_GSn.to(y_ND.dtype)
-        return torch.einsum("gsn,gnd->gsd", combine_GSn, y_GnD).reshape(num_tokens, D)
+        y_GJD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
+        combine_GSJ = plan.soft.combine_GSJ.to(y_ND.dtype)
+        return torch.einsum("gsn,gnd->gsd", combine_GSJ, y_GJD).reshape(num_tokens, D)
     out_TD: Tensor = _WeightedIndexAdd.apply(y_ND, plan.gate_N.to(y_ND.dtype), plan.token_N, num_tokens)
     return out_TD
 
@@ -159,7 +189,7 @@ class _WeightedIndexAdd(torch.autograd.Function):
 class LocalDispatcher:
     """Every expert on this device (expert-parallel size 1): gather, run, combine."""
 
-    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: Any = None) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Rows of x for all E experts, sorted by expert."""
         rows_ND = gather_rows(x_TD, plan)
         report = CommReport("local", (rows_ND.shape[0],), (rows_ND.shape[0],), rows_ND.shape[-1],
@@ -171,4 +201,5 @@ class LocalDispatcher:
         return combine_rows(y_nD, dispatched.plan, num_tokens)
 
 
-__all__ = ["Dispatched", "Dispatcher", "LocalDispatcher", "combine_rows", "gather_rows"]
+__all__ = ["CallInfo", "Dispatched", "Dispatcher", "ExchangeState", "LocalDispatcher", "combine_rows",
+           "gather_rows"]

@@ -9,9 +9,10 @@ import sys
 
 import torch
 
-from . import __version__, bench, compare, demo
+from .. import __version__
+from ..comm.distributed import default_backend, launch_env
+from . import bench, compare, demo
 from . import train as train_lm
-from .distributed import default_backend, launch_env
 
 
 def _version(module: str) -> str:

@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-from .config import MoEConfig
-from .deepspeed_support import prepare_for_deepspeed
-from .distributed import DistContext, init_distributed
-from .experts import FeedForward
-from .grads import sync_gradients
-from .layer import MoE
-from .losses import MoEAux
+from ..comm.distributed import DistContext, init_distributed
+from ..comm.grads import sync_gradients
+from ..config import MoEConfig
+from ..integrations.deepspeed import prepare_for_deepspeed
+from ..layer import MoE
+from ..ops.experts import FeedForward
+from ..ops.losses import MoEAux
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

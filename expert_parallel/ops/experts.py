@@ -1,6 +1,6 @@
 """Expert feed-forward networks: the grouped expert GEMMs and the dense FeedForward baseline.
 
-Math only, no communication. Rows handed to the experts are ordered (segment, local expert); ``counts_Se``
+Math only, no communication. Rows handed to the experts are ordered (source rank, local expert); ``counts_Re``
 says how many rows each local expert owns.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig
+from ..config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig
 
 
 def activate(h_ND: Tensor, activation: str) -> Tensor:
@@ -134,15 +134,15 @@ def _as_row_major(t: Tensor) -> Tensor:
 Segment = tuple[int, int, int]  # (first row, end row, local expert)
 
 
-def segments(counts_Se: Tensor) -> list[Segment]:
-    """The non-empty row ranges of rows ordered (segment, local expert), with their experts.
+def segments(counts_Re: Tensor) -> list[Segment]:
+    """The non-empty row ranges (segments) of rows ordered (source rank, local expert), with their experts.
 
     NOTE: host-device sync: the row counts are needed on the host to slice the rows.
     """
     out, start = [], 0
-    for index, size in enumerate(counts_Se.reshape(-1).tolist()):
+    for index, size in enumerate(counts_Re.reshape(-1).tolist()):
         if size:
-            out.append((start, start + size, index % counts_Se.shape[-1]))
+            out.append((start, start + size, index % counts_Re.shape[-1]))
             start += size
     return out
 
@@ -157,47 +157,47 @@ class _SegmentMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x_NK: Tensor, w_eKM: Tensor, segs: list[Segment]) -> Tensor:
+    def forward(ctx: Any, x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
         ctx.segs = segs
-        ctx.save_for_backward(x_NK, w_eKM)
-        y_NM = x_NK.new_empty((x_NK.shape[0], w_eKM.shape[-1]))
+        ctx.save_for_backward(x_NI, w_eIO)
+        y_NO = x_NI.new_empty((x_NI.shape[0], w_eIO.shape[-1]))
         for a, b, j in segs:
-            torch.mm(x_NK[a:b], w_eKM[j], out=y_NM[a:b])
-        return y_NM
+            torch.mm(x_NI[a:b], w_eIO[j], out=y_NO[a:b])
+        return y_NO
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_NK, w_eKM = ctx.saved_tensors
-        g_NM = g_NM.contiguous()
+    def backward(ctx: Any, g_NO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_NI, w_eIO = ctx.saved_tensors
+        g_NO = g_NO.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = x_NK.new_empty(x_NK.shape)
+            grad_x = x_NI.new_empty(x_NI.shape)
             for a, b, j in ctx.segs:
-                torch.mm(g_NM[a:b], w_eKM[j].t(), out=grad_x[a:b])
+                torch.mm(g_NO[a:b], w_eIO[j].t(), out=grad_x[a:b])
         if ctx.needs_input_grad[1]:
-            grad_w = w_eKM.new_empty(w_eKM.shape)
+            grad_w = w_eIO.new_empty(w_eIO.shape)
             seen: set[int] = set()
             for a, b, j in ctx.segs:
                 if j in seen:
-                    grad_w[j].addmm_(x_NK[a:b].t(), g_NM[a:b])
+                    grad_w[j].addmm_(x_NI[a:b].t(), g_NO[a:b])
                 else:
-                    torch.mm(x_NK[a:b].t(), g_NM[a:b], out=grad_w[j])
+                    torch.mm(x_NI[a:b].t(), g_NO[a:b], out=grad_w[j])
                     seen.add(j)
-            for j in set(range(w_eKM.shape[0])) - seen:
+            for j in set(range(w_eIO.shape[0])) - seen:
                 grad_w[j].zero_()  # an expert without rows gets a zero gradient
         return grad_x, grad_w, None
 
 
-def segment_mm(x_NK: Tensor, w_eKM: Tensor, segs: list[Segment]) -> Tensor:
+def segment_mm(x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
     """Differentiable grouped GEMM over row segments (see :class:`_SegmentMM`)."""
-    y: Tensor = _SegmentMM.apply(x_NK, w_eKM, segs)
+    y: Tensor = _SegmentMM.apply(x_NI, w_eIO, segs)
     return y
 
 
-def _native_grouped_mm(x_NK: Tensor, w_eKM: Tensor, offs_e: Tensor) -> Tensor:
+def _native_grouped_mm(x_NI: Tensor, w_eIO: Tensor, offs_e: Tensor) -> Tensor:
     """torch's grouped_mm with its own autograd (CUDA)."""
-    return F.grouped_mm(x_NK, w_eKM, offs=offs_e)
+    return F.grouped_mm(x_NI, w_eIO, offs=offs_e)
 
 
 class _CPUGroupedMM(torch.autograd.Function):
@@ -210,35 +210,35 @@ class _CPUGroupedMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x_NK: Tensor, w_eKM: Tensor, offs_e: Tensor) -> Tensor:
-        ctx.save_for_backward(x_NK, w_eKM, offs_e)
-        y_NM: Tensor = F.grouped_mm(x_NK, w_eKM, offs=offs_e)
-        return y_NM
+    def forward(ctx: Any, x_NI: Tensor, w_eIO: Tensor, offs_e: Tensor) -> Tensor:
+        ctx.save_for_backward(x_NI, w_eIO, offs_e)
+        y_NO: Tensor = F.grouped_mm(x_NI, w_eIO, offs=offs_e)
+        return y_NO
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_NM: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_NK, w_eKM, offs_e = ctx.saved_tensors
-        g_NM = _as_row_major(g_NM)
+    def backward(ctx: Any, g_NO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_NI, w_eIO, offs_e = ctx.saved_tensors
+        g_NO = _as_row_major(g_NO)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(g_NM, w_eKM.transpose(-2, -1), offs=offs_e)
+            grad_x = F.grouped_mm(g_NO, w_eIO.transpose(-2, -1), offs=offs_e)
         if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(x_NK.t(), g_NM, offs=offs_e)  # an empty group's product is zero
+            grad_w = F.grouped_mm(x_NI.t(), g_NO, offs=offs_e)  # an empty group's product is zero
         return grad_x, grad_w, None
 
 
-def segment_order(counts_Se: Tensor, total: int) -> Tensor:
-    """Row positions that read rows ordered (segment, expert) in (expert, segment) order.
+def segment_order(counts_Re: Tensor, total: int) -> Tensor:
+    """Row positions that read rows ordered (source rank, expert) in (expert, source rank) order.
 
-    ``total`` is counts_Se.sum(), which the caller already has on the host (no second sync here).
+    ``total`` is counts_Re.sum(), which the caller already has on the host (no second sync here).
     """
-    S, e = counts_Se.shape
-    start_Se = torch.cumsum(counts_Se.reshape(-1), 0).reshape(S, e) - counts_Se
-    sizes_eS, start_eS = counts_Se.t().reshape(-1), start_Se.t().reshape(-1)
-    offset_eS = torch.cumsum(sizes_eS, 0) - sizes_eS
-    shift = torch.repeat_interleave(start_eS - offset_eS, sizes_eS, output_size=total)
-    return torch.arange(total, device=counts_Se.device) + shift
+    R, e = counts_Re.shape
+    start_Re = torch.cumsum(counts_Re.reshape(-1), 0).reshape(R, e) - counts_Re
+    sizes_eR, start_eR = counts_Re.t().reshape(-1), start_Re.t().reshape(-1)
+    offset_eR = torch.cumsum(sizes_eR, 0) - sizes_eR
+    shift = torch.repeat_interleave(start_eR - offset_eR, sizes_eR, output_size=total)
+    return torch.arange(total, device=counts_Re.device) + shift
 
 
 class GroupedExperts(nn.Module):
@@ -267,39 +267,39 @@ class GroupedExperts(nn.Module):
         """The stacked expert tensors by state-dict name."""
         return dict(self.named_parameters())
 
-    def forward(self, x_ND: Tensor, counts_Se: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, counts_Re: Tensor) -> Tensor:
         """Runs every local expert on its rows.
 
         Args:
-            x_ND: rows ordered by (segment, local expert): sorted by local expert when there is one
-                segment; with expert parallelism, one segment per source rank, as received.
-            counts_Se: int64 [S, e] (or [e] for one segment), rows per (segment, local expert);
+            x_ND: rows ordered by (source rank, local expert): sorted by local expert in one
+                process; with expert parallelism, one block per source rank, as received.
+            counts_Re: int64 [R, e] (or [e] for one source), rows per (source rank, local expert);
                 sums to N.
 
         Returns:
             y_ND: the expert outputs, row for row.
         """
-        counts_Se = counts_Se.reshape(-1, self.num_local)
+        counts_Re = counts_Re.reshape(-1, self.num_local)
         w = self.weights()
         if _can_use_grouped_mm(x_ND, self.d_model, self.d_ff):
-            if counts_Se.shape[0] == 1:
-                return self._grouped_mm(x_ND, counts_Se[0], w, _native_grouped_mm)
-            order = segment_order(counts_Se, x_ND.shape[0])  # grouped_mm needs expert-major groups
-            y_ND = self._grouped_mm(x_ND.index_select(0, order), counts_Se.sum(0), w, _native_grouped_mm)
+            if counts_Re.shape[0] == 1:
+                return self._grouped_mm(x_ND, counts_Re[0], w, _native_grouped_mm)
+            order = segment_order(counts_Re, x_ND.shape[0])  # grouped_mm needs expert-major groups
+            y_ND = self._grouped_mm(x_ND.index_select(0, order), counts_Re.sum(0), w, _native_grouped_mm)
             return y_ND.new_empty(y_ND.shape).index_copy(0, order, y_ND)
-        if counts_Se.shape[0] == 1 and _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff):
-            return self._grouped_mm(x_ND, counts_Se[0], w, _CPUGroupedMM.apply)
-        segs = segments(counts_Se)
+        if counts_Re.shape[0] == 1 and _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff):
+            return self._grouped_mm(x_ND, counts_Re[0], w, _CPUGroupedMM.apply)
+        segs = segments(counts_Re)
         # The segment GEMMs see every row and weight even when a segment list is empty, so the
         # output always depends on them: a rank whose experts received nothing still runs the
         # backward all-to-alls that its peers wait in.
-        expert_N = self._expert_of_rows(counts_Se, x_ND) if "b_in" in w or "b_out" in w else None
+        expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: segment_mm(a, b, segs),
                    add_bias=lambda h, b: h + b[expert_N])
 
-    def _expert_of_rows(self, counts_Se: Tensor, x_ND: Tensor) -> Tensor:
-        experts_Se = torch.arange(self.num_local, device=x_ND.device).expand_as(counts_Se)
-        return torch.repeat_interleave(experts_Se.reshape(-1), counts_Se.reshape(-1),
+    def _expert_of_rows(self, counts_Re: Tensor, x_ND: Tensor) -> Tensor:
+        experts_Re = torch.arange(self.num_local, device=x_ND.device).expand_as(counts_Re)
+        return torch.repeat_interleave(experts_Re.reshape(-1), counts_Re.reshape(-1),
                                        output_size=x_ND.shape[0])
 
     def _grouped_mm(self, x_ND: Tensor, counts_e: Tensor, w: dict[str, Tensor],

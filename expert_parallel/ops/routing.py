@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MoEConfig, to_dtype
+from ..config import MoEConfig, to_dtype
 
 
 class TopKOutput(NamedTuple):
@@ -175,19 +175,19 @@ class ExpertChoiceRouter(Router):
 
 
 class SoftOutput(NamedTuple):
-    """What :class:`SoftRouter` returns for x [G, S, D]; n = E * slots_per_expert slots."""
+    """What :class:`SoftRouter` returns for x [G, S, D]; J = E * slots_per_expert slots per group."""
 
     dispatch: Tensor
-    """[G, S, n] softmax over the group's tokens: slot j = sum_s dispatch[s, j] * x_s."""
+    """[G, S, J] softmax over the group's tokens: slot j = sum_s dispatch[s, j] * x_s."""
     combine: Tensor
-    """[G, S, n] softmax over the slots: y_s = sum_j combine[s, j] * expert_out_j."""
+    """[G, S, J] softmax over the slots: y_s = sum_j combine[s, j] * expert_out_j."""
     logits: Tensor
-    """[G, S, n] the router logits."""
+    """[G, S, J] the router logits."""
 
 
-def soft_from_logits(logits_GSn: Tensor) -> SoftOutput:
+def soft_from_logits(logits_GSJ: Tensor) -> SoftOutput:
     """Soft MoE weights: dispatch normalised over tokens, combine normalised over slots."""
-    return SoftOutput(torch.softmax(logits_GSn, dim=1), torch.softmax(logits_GSn, dim=2), logits_GSn)
+    return SoftOutput(torch.softmax(logits_GSJ, dim=1), torch.softmax(logits_GSJ, dim=2), logits_GSJ)
 
 
 class SoftRouter(Router):
@@ -213,7 +213,7 @@ class SoftRouter(Router):
                    router_dtype=cfg.router_dtype, dtype=cfg.dtype)
 
     def forward(self, x_GSD: Tensor) -> SoftOutput:
-        """Routes groups x [G, S, D]: dispatch and combine weights [G, S, n]."""
+        """Routes groups x [G, S, D]: dispatch and combine weights [G, S, J]."""
         return soft_from_logits(self.logits(x_GSD))
 
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from .config import MoEConfig
-from .experts import FeedForward
-from .layer import MoE, configure_debug
-from .losses import MoEAux
-from .routing import TOKEN_MIXING_ROUTERS, check_causal_routing
+from ..config import MoEConfig
+from ..layer import MoE, configure_debug
+from ..ops.experts import FeedForward
+from ..ops.losses import MoEAux
+from ..ops.routing import TOKEN_MIXING_ROUTERS, check_causal_routing
 
 
 @dataclass(frozen=True)
