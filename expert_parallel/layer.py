@@ -10,11 +10,11 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.profiler import record_function
 
-from .comm.distributed import all_gather_cat, check_same_on_all_ranks, group_size_and_rank
-from .comm.exchange import AllToAllDispatcher, guarded
+from .comm.distributed import all_gather_cat, check_same_on_all_ranks, fingerprint, group_size_and_rank
+from .comm.exchange import AllToAllDispatcher, guarded, health_group
 from .config import MoEConfig
 from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
-from .ops.experts import GroupedExperts, draw_base_seed
+from .ops.experts import GroupedExperts, autocast_on, compute_dtype, draw_base_seed
 from .ops.losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
 from .ops.plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
 from .ops.routing import (
@@ -26,6 +26,10 @@ from .ops.routing import (
     soft_from_logits,
     topk_from_logits,
 )
+
+SEED_HINT = (": every rank must build the model after the same torch.manual_seed(seed), so that the "
+             "router and the experts start equal to the single-device model; seed per-rank randomness "
+             "(data order, dropout) after building it, or give it a torch.Generator of its own")
 
 
 class MoE(nn.Module):
@@ -46,7 +50,10 @@ class MoE(nn.Module):
         ep_group: the expert-parallel process group (``ctx.ep_group``); None for one device.
 
     Raises:
-        ValueError: num_experts is not divisible by the expert-parallel size.
+        ValueError: num_experts is not divisible by the expert-parallel size, or the ranks of
+            ``ep_group`` differ in the config, the router's initial weights or the experts' base
+            seed (each rank built the model after a different seed): one ``all_gather_object``
+            at construction checks all three.
     """
 
     def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | None = None) -> None:
@@ -57,8 +64,6 @@ class MoE(nn.Module):
         if cfg.num_experts % self.ep_size:
             raise ValueError(f"MoEConfig.num_experts={cfg.num_experts} is not divisible by the "
                              f"expert-parallel size {self.ep_size}")
-        if ep_group is not None:
-            check_same_on_all_ranks(asdict(cfg), ep_group, "MoEConfig")
         self.layer_name = "MoE"  # its qualified name once ep.configure_debug(model) ran
         self.calls = 0  # per-layer call number, named in every collective's error
         self.check_finite = False  # opt-in: raise on NaN/Inf input or router logits
@@ -66,23 +71,30 @@ class MoE(nn.Module):
         local = cfg.num_experts // self.ep_size
         self.router = make_router(cfg)
         # One draw from the global generator; expert i is initialised from (base_seed, i).
-        self.experts = GroupedExperts(cfg, draw_base_seed(), num_local=local,
-                                      first=self.ep_rank * local)
+        base_seed = draw_base_seed()
+        self.experts = GroupedExperts(cfg, base_seed, num_local=local, first=self.ep_rank * local)
+        if ep_group is not None:
+            replicas = {f"router.{n}": fingerprint(p) for n, p in self.router.named_parameters()}
+            check_same_on_all_ranks({"MoEConfig": asdict(cfg),
+                                     "MoE replicated state": {**replicas, "expert base seed": base_seed}},
+                                    ep_group, hints={"MoE replicated state": SEED_HINT})
         self.dispatcher: Dispatcher = LocalDispatcher()
-        self.health: ProcessGroup | None = None  # gloo group for failure diagnostics (expert parallel)
         if ep_group is not None and self.ep_size > 1:
-            exchange = AllToAllDispatcher(ep_group, cfg.num_experts)
-            self.dispatcher, self.health = exchange, exchange.health
+            self.dispatcher = AllToAllDispatcher(ep_group, cfg.num_experts)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
         """Routes every token to its experts and mixes their outputs.
 
         Args:
-            x_BLD: [B, L, D] input, dtype equal to cfg.dtype.
+            x_BLD: [B, L, D] input, dtype equal to cfg.dtype (or, under autocast, autocast's dtype).
 
         Returns:
             y_BLD: [B, L, D], same shape and dtype as the input.
+
+        Under autocast (fp32 parameters, bf16 compute) the router and the gates stay in
+        router_dtype, the token rows are cast to bf16 before the exchange (half the bytes), the
+        expert GEMMs run in bf16, and the weighted combine sums in fp32.
             aux: the auxiliary losses and routing statistics (:class:`MoEAux`).
         """
         self._check_input(x_BLD)
@@ -101,11 +113,11 @@ class MoE(nn.Module):
         with record_function("moe/plan"):
             plan, aux = self._route(logits_GSE)
         with record_function("moe/dispatch"):
-            dispatched = self.dispatcher.dispatch(x_TD, plan, info)
+            dispatched = self.dispatcher.dispatch(x_TD.to(compute_dtype(x_TD)), plan, info)
         with record_function("moe/experts"):
-            y_nD = self.experts(dispatched.x_nD, dispatched.counts_Re)
+            y_nD = self.experts(dispatched.x_nD, dispatched.counts_Re, dispatched.counts_host)
         with record_function("moe/combine"):
-            y_TD = self.dispatcher.combine(y_nD, dispatched, B * L)
+            y_TD = self.dispatcher.combine(y_nD, dispatched, B * L).to(x_BLD.dtype)
         aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm)
         return self.dropout(y_TD.reshape(B, L, D)), aux
 
@@ -134,11 +146,11 @@ class MoE(nn.Module):
 
     def _check_finite(self, x_TD: Tensor, logits_GSE: Tensor, info: CallInfo) -> None:
         """Raises FloatingPointError on NaN/Inf; decided together by the EP group, so no rank hangs."""
-        bad = torch.tensor([float(not torch.isfinite(x_TD).all()),
-                            float(not torch.isfinite(logits_GSE).all())])
+        bad = torch.stack([~torch.isfinite(x_TD).all(), ~torch.isfinite(logits_GSE).all()]).float()
         if self.ep_group is not None and self.ep_size > 1:
             guarded(info, "finite check", "NaN/Inf flags", self.ep_group,
-                    lambda: dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ep_group), self.health)
+                    lambda: dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ep_group),
+                    health_group(self.ep_group))
         if bad.any():
             where = "the input" if bad[0] else "the router logits"
             raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {where} "
@@ -185,9 +197,10 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expected input [B, L, D] with D=d_model={cfg.d_model}, "
                              f"got shape {tuple(x_BLD.shape)}")
         weight = self.experts.w_in
-        if x_BLD.dtype != weight.dtype:
+        if x_BLD.dtype != weight.dtype and not (autocast_on(x_BLD.device)
+                                                 and x_BLD.dtype == compute_dtype(x_BLD)):
             raise ValueError(f"MoE input dtype {x_BLD.dtype} does not match the parameter dtype "
-                             f"{weight.dtype} (MoEConfig.dtype)")
+                             f"{weight.dtype} (MoEConfig.dtype) or autocast's dtype")
         if x_BLD.device != weight.device:
             raise ValueError(f"MoE input is on {x_BLD.device} but the parameters are on "
                              f"{weight.device}")

@@ -50,3 +50,28 @@ def compare_with_oracle(moe: ep.MoE, x: torch.Tensor, training: bool,
             continue
         assert g is not None, name
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def check_low_precision(low: ep.MoE, ref: ep.MoE, x_low: torch.Tensor, autocast: bool = False) -> tuple:
+    """``low`` (bf16 / fp16 parameters, or fp32 under autocast) against ``ref``, the fp32 layer with the
+    same parameter values, on the same input values: routing decisions identical (the router runs in
+    fp32 on equal values, so its logits are bitwise equal), outputs within 2 eps of the output scale
+    (the resolution of the low dtype). Returns both outputs and aux."""
+    dtype = torch.get_autocast_dtype(x_low.device.type) if autocast else low.experts.w_in.dtype
+    x_ref = x_low.float()
+    D = x_low.shape[-1]
+    logits_low = low.router.logits(x_low.reshape(1, -1, D))
+    logits_ref = ref.router.logits(x_ref.reshape(1, -1, D))
+    assert logits_low.dtype == torch.float32 and torch.equal(logits_low, logits_ref)
+    plan_low, _ = low._route(logits_low)
+    plan_ref, _ = ref._route(logits_ref)
+    for field in ("token_N", "expert_N", "slot_N", "counts_E"):
+        assert torch.equal(getattr(plan_low, field), getattr(plan_ref, field)), field
+    y, aux = low(x_low)
+    y_ref, aux_ref = ref(x_ref)
+    assert y.dtype == x_low.dtype
+    assert torch.equal(aux.expert_counts, aux_ref.expert_counts)
+    assert aux.dropped_fraction.item() == aux_ref.dropped_fraction.item()
+    bound = 2 * torch.finfo(dtype).eps * y_ref.abs().max().item()
+    torch.testing.assert_close(y.float(), y_ref, rtol=0, atol=bound)
+    return y, aux, y_ref, aux_ref

@@ -136,3 +136,23 @@ def test_command_ends_its_process_group() -> None:
             "main(['bench', '--overlap-probe', '--tokens', '64', '--d-model', '32', '--d-ff', '64', "
             "'--repeats', '2', '--warmup', '1']); print('initialized after:', dist.is_initialized())")
     assert "initialized after: False" in run([sys.executable, "-c", code], timeout=120)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_expert_flops_match_torch_flop_counter(activation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FLOPs behind the TFLOP/s column, against torch's own count of a forward+backward of the
+    experts on T·K rows (segment path: the counter knows torch.mm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from expert_parallel import MoEConfig
+    from expert_parallel.apps.bench import expert_flops
+    from expert_parallel.ops import experts as experts_module
+    monkeypatch.setattr(experts_module, "_can_use_cpu_grouped_mm", lambda *_: False)
+    cfg = MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2, activation=activation)
+    tokens = 40
+    experts = experts_module.GroupedExperts(cfg, base_seed=0)
+    x = torch.randn(tokens * cfg.top_k, cfg.d_model, requires_grad=True)
+    counts = torch.tensor([30, 10, 25, 15])
+    with FlopCounterMode(display=False) as counter:
+        experts(x, counts).sum().backward()
+    assert counter.get_total_flops() == expert_flops(cfg, tokens)

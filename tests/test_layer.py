@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import expert_parallel as ep
-from tests.helpers import BASE, build, compare_with_oracle
+from tests.helpers import BASE, build, check_low_precision, compare_with_oracle
 from tests.oracle import oracle_topk_moe
 
 CASES = {
@@ -110,15 +110,41 @@ def test_train_and_eval_capacity_differ() -> None:
     assert moe.eval()(x)[1].dropped_fraction == 0
 
 
-def test_bfloat16_output_dtype_and_float32_routing() -> None:
-    moe = build(dict(dtype="bfloat16", capacity_factor=None))
+@pytest.mark.parametrize("overrides", [dict(capacity_factor=None), dict(capacity_factor=1.0),
+                                       dict(router="expert_choice"), dict(router="soft")])
+def test_bfloat16_routes_exactly_like_float32_and_matches_at_bf16_resolution(overrides: dict) -> None:
+    moe = build(dict(dtype="bfloat16", **overrides))
     x = torch.randn(2, 8, BASE["d_model"], dtype=torch.bfloat16)
-    y, aux = moe(x)
-    assert y.dtype == torch.bfloat16 and y.shape == x.shape
-    assert aux.z_loss.dtype == torch.float32
-    ref = build(dict(capacity_factor=None))
+    ref = build(overrides)
     ref.load_state_dict({k: v.float() for k, v in moe.state_dict().items()})
-    torch.testing.assert_close(y.float(), ref(x.float())[0], rtol=0.05, atol=0.05)
+    y, aux, _, _ = check_low_precision(moe, ref, x)
+    assert y.shape == x.shape and aux.z_loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_fp32_master_weights_under_bf16_autocast(activation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autocast: routing and gates in fp32 (decisions equal to the fp32 layer's), expert GEMMs in
+    bf16 through grouped_mm, output and master-weight gradients in fp32 at bf16 resolution."""
+    from expert_parallel.ops import experts as experts_module
+    calls = []
+    original = experts_module._CPUGroupedMM.apply
+    monkeypatch.setattr(experts_module._CPUGroupedMM, "apply",
+                        lambda *a: calls.append(a[0].dtype) or original(*a))
+    cfg = dict(d_model=16, d_ff=32, num_experts=4, capacity_factor=None, activation=activation)
+    torch.manual_seed(0)
+    moe = ep.MoE(ep.MoEConfig(**cfg))
+    ref = ep.MoE(ep.MoEConfig(**cfg))
+    ref.load_state_dict(moe.state_dict())
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux, y_ref, aux_ref = check_low_precision(moe, ref, x, autocast=True)
+        (y.square().sum() + aux.loss).backward()
+    assert y.dtype == torch.float32 and calls and set(calls) == {torch.bfloat16}
+    (y_ref.square().sum() + aux_ref.loss).backward()
+    for (name, p), q in zip(moe.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        bound = 8 * torch.finfo(torch.bfloat16).eps * q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=bound, msg=name)
 
 
 def test_balanced_load_balance_loss_is_one() -> None:

@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure how much of an all-to-all can hide behind expert GEMMs on this machine")
     add("--default-malloc", action="store_true",
         help="CPU: leave glibc's malloc as it is (default: keep freed memory in the process)")
+    add("--backend", choices=("gloo", "nccl"), default=None,
+        help="nccl runs on the GPUs (also as one process); default: gloo without a launcher")
+    add("--peak-tflops", type=float, default=None,
+        help="the device's dense peak in --dtype, for the fraction of peak (default: known GPUs, bf16)")
     add("--json", type=Path, default=None)
     add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -241,7 +245,8 @@ def measure(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namesp
     variants, note = _variants(cfg, ctx, tokens, args, device)
     times = _interleaved(variants, args.warmup, args.repeats, device)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    peaks = torch.tensor([peak_bytes(step, device) for step in variants.values()], dtype=torch.float64)
+    peaks = torch.tensor([peak_bytes(step, device) for step in variants.values()], dtype=torch.float64,
+                         device=device)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # NOTE: collective: the largest rank's peak
     peak = dict(zip(variants, (int(p) for p in peaks.tolist()), strict=True))
     floor_name = min(("floor-bmm", "floor-loop"), key=lambda n: medians[n])
@@ -250,13 +255,37 @@ def measure(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namesp
         "tokens": tokens, "num_experts": cfg.num_experts, "d_ff": cfg.d_ff, "top_k": cfg.top_k,
         "median_s": medians, "peak_bytes": peak, "floor_is": floor_name,
         "ours_over_floor": medians["ours"] / medians["floor"],
-        "ours_peak_over_floor": peak["ours"] / max(peak["floor"], 1), "note": note}
+        "ours_peak_over_floor": peak["ours"] / max(peak["floor"], 1), "note": note,
+        "expert_tflops": {name: expert_flops(cfg, tokens) / s / 1e12 for name, s in medians.items()}}
+    peak_tflops = args.peak_tflops or dense_peak_tflops(device, cfg.dtype)
+    if peak_tflops:
+        result["fraction_of_peak"] = {name: t / peak_tflops for name, t in result["expert_tflops"].items()}
+        result["peak_tflops"] = peak_tflops
     if "deepspeed" in medians:
         result["ours_over_deepspeed"] = medians["ours"] / medians["deepspeed"]
         result["deepspeed_over_floor"] = medians["deepspeed"] / medians["floor"]
     if args.profile:
         result["profile_shares"] = profile_shares(variants["ours"], steps=max(args.repeats, 3))
     return result
+
+
+def expert_flops(cfg: MoEConfig, tokens: int) -> float:
+    """FLOPs of the expert GEMMs of one forward+backward on one rank: T·K rows through 2 (3 gated)
+    [D, F] products, 2 FLOPs per multiply-add, and the backward's two products per forward one."""
+    mats = 3 if cfg.gated else 2
+    return 3 * 2 * tokens * cfg.top_k * cfg.d_model * cfg.d_ff * mats
+
+
+# Dense (no sparsity) peak TFLOP/s of the bf16 tensor cores, from the vendors' data sheets (SXM parts).
+_BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+
+
+def dense_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense bf16 peak where it is known (H100, H200, A100), else None."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
 def _config(args: argparse.Namespace, num_experts: int, d_ff: int, top_k: int) -> MoEConfig:
@@ -284,7 +313,7 @@ def _sweep_points(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the interleaved measurements; returns medians (seconds), peaks (bytes) and ratios."""
-    ctx = init_distributed()
+    ctx = init_distributed(backend=args.backend)
     kept = ctx.device.type == "cpu" and not args.default_malloc and keep_freed_memory()
     if args.overlap_probe:
         return overlap_probe(ctx, args)
@@ -428,12 +457,16 @@ def format_table(result: dict[str, Any]) -> str:
     for point in result["points"]:
         lines.append(f"T={point['tokens']}/rank E={point['num_experts']} F={point['d_ff']} "
                      f"K={point['top_k']}  (floor = {point['floor_is']})")
-        lines.append(f"  {'variant':<12}{'median ms':>12}{'x floor':>10}{'peak MiB':>11}{'x floor':>9}")
+        lines.append(f"  {'variant':<12}{'median ms':>12}{'x floor':>10}{'peak MiB':>11}{'x floor':>9}"
+                     f"{'TFLOP/s':>10}{'of peak':>9}")
         floor, floor_peak = point["median_s"]["floor"], max(point["peak_bytes"]["floor"], 1)
         for name, seconds in point["median_s"].items():
             peak = point["peak_bytes"][name]
+            fraction = point.get("fraction_of_peak", {}).get(name)
             lines.append(f"  {name:<12}{seconds * 1e3:>12.1f}{seconds / floor:>10.2f}"
-                         f"{peak / 2**20:>11.1f}{peak / floor_peak:>9.2f}")
+                         f"{peak / 2**20:>11.1f}{peak / floor_peak:>9.2f}"
+                         f"{point['expert_tflops'][name]:>10.2f}"
+                         f"{'' if fraction is None else f'{fraction * 100:.1f} %':>9}")
         if "ours_over_deepspeed" in point:
             lines.append(f"  ours / deepspeed = {point['ours_over_deepspeed']:.2f}")
         if point["note"]:

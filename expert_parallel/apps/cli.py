@@ -30,7 +30,7 @@ def info() -> str:
         f"expert_parallel {__version__}",
         f"launcher {launch.launcher} (rank {launch.rank} of {launch.world_size}, local rank "
         f"{launch.local_rank})",
-        f"backend {default_backend(launch.local_world_size)} (default for this process)",
+        f"backend {default_backend(launch)} (default for this process)",
         f"cuda devices {cuda}",
         f"python {platform.python_version()}",
         f"torch {torch.__version__}",

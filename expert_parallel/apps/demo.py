@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ep-size", type=int, default=None,
                         help="expert-parallel size (default: the world size)")
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                        help="default: gloo without a launcher; NCCL under one when every local rank "
+                        "has a GPU")
     parser.add_argument("--deepspeed", metavar="CONFIG", default=None,
                         help="train with DeepSpeed's engine using this ds_config.json")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
@@ -94,13 +97,13 @@ def make_step(moe: MoE, ctx: DistContext, args: argparse.Namespace) -> StepFn:
 
 def run(args: argparse.Namespace) -> float:
     """Trains the demo block; returns the final task loss (rank 0's, averaged over ranks)."""
-    ctx = init_distributed(ep_size=args.ep_size)
+    ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
     torch.manual_seed(args.seed)  # same seed everywhere: same router, teacher and expert init
     cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.num_experts,
                     top_k=args.top_k, router=args.router, capacity_factor=args.capacity_factor,
                     slots_per_expert=args.slots_per_expert, activation=args.activation)
-    moe = MoE(cfg, ep_group=ctx.ep_group)
-    teacher = FeedForward(cfg.d_model, 4 * cfg.d_ff, activation="relu").requires_grad_(False)
+    moe = MoE(cfg, ep_group=ctx.ep_group).to(ctx.device)
+    teacher = FeedForward(cfg.d_model, 4 * cfg.d_ff, activation="relu").requires_grad_(False).to(ctx.device)
     step_fn = make_step(moe, ctx, args)
     say = print if ctx.rank == 0 else (lambda *a, **k: None)
     say(f"MoE: {cfg.num_experts} experts, top-{cfg.top_k} {cfg.router} routing, capacity factor "
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> float:
     data = torch.Generator().manual_seed(args.seed + 1 + ctx.rank)  # each rank its own batches
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(1, args.steps + 1):
-        x_BLD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, generator=data)
+        x_BLD = torch.randn(args.batch_size, args.seq_len, cfg.d_model, generator=data).to(ctx.device)
         loss, aux = step_fn(x_BLD, teacher(x_BLD))
         mean_loss = loss.detach().clone()
         torch.distributed.all_reduce(mean_loss)  # NOTE: collective (for the printout)

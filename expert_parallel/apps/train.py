@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--n-layers", type=int, default=4)
     add("--n-heads", type=int, default=4)
     add("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
+    add("--backend", choices=("gloo", "nccl"), default=None,
+        help="default: gloo without a launcher; NCCL under one when every local rank has a GPU")
     add("--steps", type=int, default=600)
     add("--batch-size", type=int, default=16, help="global batch, sequences per step")
     add("--seq-len", type=int, default=128)
@@ -144,10 +146,10 @@ def step_stats(ctx: DistContext, task: Tensor, auxes: list[MoEAux]) -> dict[str,
         loads = counts.float()
         stats["imbalance"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).mean().item()
         sent = torch.tensor([sum(a.comm.sent_bytes[q] for a in auxes if a.comm is not None)
-                             for q in range(ctx.ep_size)], dtype=torch.float64)
+                             for q in range(ctx.ep_size)], dtype=torch.float64, device=ctx.device)
         gathered = [torch.empty_like(sent) for _ in range(ctx.world_size)]
         dist.all_gather(gathered, sent)
-        stats["sent_bytes"] = torch.stack(gathered)
+        stats["sent_bytes"] = torch.stack(gathered).cpu()  # NOTE: host-device sync (metrics)
     return stats
 
 
@@ -157,11 +159,11 @@ def evaluate(model: LanguageModel, ctx: DistContext, val: Tensor, args: argparse
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 12345)
     local = args.batch_size // ctx.world_size
-    total = torch.zeros(())
+    total = torch.zeros((), device=ctx.device)
     for _ in range(args.eval_batches):
         x, y = get_batch(val, args.batch_size, args.seq_len, gen)
         sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
-        total += model.loss(x[sl], y[sl])[0]
+        total += model.loss(x[sl].to(ctx.device), y[sl].to(ctx.device))[0]
     dist.all_reduce(total)  # NOTE: collective
     model.train()
     return total.item() / (ctx.world_size * args.eval_batches)
@@ -204,7 +206,7 @@ class Run:
 
 def setup(args: argparse.Namespace) -> Run:
     """Process groups, data, the model on this rank's device and its optimizer."""
-    ctx = init_distributed(ep_size=args.ep_size)
+    ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
     if args.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
                          f"{ctx.world_size}")
@@ -219,7 +221,7 @@ def setup(args: argparse.Namespace) -> Run:
     if run.leader:
         args.out.mkdir(parents=True, exist_ok=True)
         tqdm.write(f"{len(data):,} bytes of text; {ctx.world_size} rank(s) launched by {ctx.launcher}, "
-                   f"ep_size {ctx.ep_size}, dp_size {ctx.dp_size}; "
+                   f"ep_size {ctx.ep_size}, dp_size {ctx.dp_size}, {ctx.backend} on {ctx.device}; "
                    f"{model.active_parameters_per_token():,} active parameters per token")
     return run
 
@@ -290,7 +292,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def resume(run: Run, ckpt_dir: Path) -> int:
     """Loads the latest checkpoint (any layout) and the metrics up to it; returns the next step."""
-    path = latest_checkpoint(ckpt_dir)
+    path = latest_checkpoint(ckpt_dir, run.ctx)
     if path is None:
         return 1
     ctx = run.ctx

@@ -34,7 +34,8 @@ class DistContext:
         ep_group: the ranks that share one copy of the experts (consecutive ranks).
         dp_group: the ranks that hold the same experts.
         launcher: what started the process: "torchrun", "deepspeed", "mpi", "slurm" or "none".
-        backend: the process-group backend ("gloo" or "nccl").
+        backend: the backend of the data collectives, "gloo" or "nccl" (an NCCL job's groups also
+            carry gloo for CPU tensors: "cpu:gloo,cuda:nccl").
         mesh: the 2-D DeviceMesh with dims ("dp", "ep").
     """
 
@@ -162,11 +163,27 @@ def _mpi_rendezvous(launch: LaunchEnv) -> tuple[str, int]:
     return host, int(port)
 
 
-def default_backend(local_world_size: int) -> str:
-    """NCCL when each local rank can have its own CUDA device, else gloo."""
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size:
+def default_backend(launch: LaunchEnv, cuda_devices: int | None = None) -> str:
+    """The backend a job gets when it asks for none.
+
+    Without a launcher (``python script.py``, the single-process debug mode): gloo, whatever GPUs
+    the machine has. With a launcher: NCCL when every local rank can have its own CUDA device,
+    else gloo. ``cuda_devices`` defaults to the devices torch sees.
+    """
+    if cuda_devices is None:
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if launch.launcher != "none" and cuda_devices >= max(launch.local_world_size, 1):
         return "nccl"
     return "gloo"
+
+
+def process_group_backend(backend: str) -> str:
+    """What the default process group is created with: NCCL for CUDA tensors plus gloo for CPU ones.
+
+    Host-side tensors (debug flags, split-size checks, metrics built on the host) then still reach
+    every rank under NCCL instead of failing with a device error.
+    """
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def _as_timedelta(timeout: timedelta | float) -> timedelta:
@@ -176,13 +193,17 @@ def _as_timedelta(timeout: timedelta | float) -> timedelta:
 def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedelta) -> str:
     """Creates the default process group (or adopts an existing one); returns its backend."""
     if dist.is_initialized():
-        return str(dist.get_backend())
-    backend = backend or default_backend(launch.local_world_size)
+        adopted = str(dist.get_backend())
+        return "nccl" if "nccl" in adopted else adopted
+    backend = backend or default_backend(launch)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend={backend!r} is invalid: expected 'gloo', 'nccl' or None (default)")
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
+    pg_backend = process_group_backend(backend)
     if launch.launcher == "none":
         # Single-process debug mode: a world of one, so the same code paths (and collectives) run.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+        dist.init_process_group(pg_backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
         return backend
     if launch.launcher in ("mpi", "slurm"):
@@ -192,11 +213,11 @@ def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedel
         os.environ.update(MASTER_ADDR=str(addr), MASTER_PORT=str(port), RANK=str(launch.rank),
                           WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
     if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        dist.init_process_group(backend, store=_elastic_store(launch, timeout), rank=launch.rank,
+        dist.init_process_group(pg_backend, store=_elastic_store(launch, timeout), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
         return backend
     # DeepSpeed, MPI, SLURM (and torchrun without an agent store): env:// rendezvous.
-    dist.init_process_group(backend, init_method="env://", rank=launch.rank,  # NOTE: rendezvous
+    dist.init_process_group(pg_backend, init_method="env://", rank=launch.rank,  # NOTE: rendezvous
                             world_size=launch.world_size, timeout=timeout)
     return backend
 
@@ -225,7 +246,9 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
 
     Args:
         ep_size: ranks per expert-parallel group; defaults to the world size. Must divide it.
-        backend: "nccl" or "gloo"; default NCCL when every local rank has its own CUDA device.
+        backend: "nccl" or "gloo". Default: gloo without a launcher (one process); under a
+            launcher NCCL when every local rank has its own CUDA device, else gloo. NCCL groups are
+            created as "cpu:gloo,cuda:nccl", so CPU tensors still work in their collectives.
         timeout: collective timeout (timedelta or seconds); a lost peer becomes an error after it.
 
     Raises:
@@ -268,20 +291,36 @@ def all_gather_cat(x: Tensor, group: ProcessGroup) -> Tensor:
     return torch.cat(parts)
 
 
-def check_same_on_all_ranks(values: dict[str, Any], group: ProcessGroup, what: str) -> None:
+def check_same_on_all_ranks(sections: dict[str, dict[str, Any]], group: ProcessGroup,
+                            hints: dict[str, str] | None = None) -> None:
     """Raises ValueError naming the fields that differ between the ranks of ``group``.
 
-    One cheap collective at construction instead of a hang at the first exchange.
+    ``sections`` maps a name ("MoEConfig", ...) to this rank's values; all sections travel in one
+    ``all_gather_object``, a cheap collective at construction instead of a hang or silently
+    different replicas later. The first section with a difference is reported, with its hint.
     """
     size = dist.get_world_size(group)
     if size == 1:
         return
     everyone: list[Any] = [None] * size
-    dist.all_gather_object(everyone, values, group=group)  # NOTE: collective
-    fields = sorted(k for k in values if any(other.get(k) != values[k] for other in everyone))
-    if fields:
-        ranks = dist.get_process_group_ranks(group)
-        per_rank = "; ".join(f"rank {ranks[q]}: " + ", ".join(f"{k}={everyone[q].get(k)!r}" for k in fields)
-                             for q in range(size))
-        raise ValueError(f"{what} differs between the ranks of the expert-parallel group in {fields} "
-                         f"({per_rank})")
+    dist.all_gather_object(everyone, sections, group=group)  # NOTE: collective
+    ranks = dist.get_process_group_ranks(group)
+    for what, values in sections.items():
+        theirs = [other[what] for other in everyone]
+        fields = sorted(k for k in values if any(other.get(k) != values[k] for other in theirs))
+        if fields:
+            per_rank = "; ".join(f"rank {ranks[q]}: " + ", ".join(f"{k}={theirs[q].get(k)!r}" for k in fields)
+                                 for q in range(size))
+            hint = (hints or {}).get(what, "")
+            raise ValueError(f"{what} differs between the ranks of the expert-parallel group in {fields} "
+                             f"({per_rank}){hint}")
+
+
+def fingerprint(t: Tensor) -> int:
+    """An integer that changes whenever any bit of ``t`` does (a weighted sum of its bytes).
+
+    For comparing replicas across ranks without sending them; torch only (the library needs no numpy).
+    """
+    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).long()
+    weights = torch.arange(1, data.numel() + 1, dtype=torch.int64) * 2654435761 % (2**31 - 1)
+    return int((data * weights).sum())

@@ -34,6 +34,31 @@ class CollectiveError(RuntimeError):
     """A collective of an MoE call failed or timed out; the message says which layer, call and phase."""
 
 
+# One gloo group per set of ranks, shared by every layer on those ranks. Process groups are
+# process-wide by nature (torch keeps its own registry); an entry made under an earlier default
+# group (destroyed and initialised again) is never reused.
+_HEALTH_GROUPS: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {}
+
+
+def health_group(group: ProcessGroup) -> ProcessGroup:
+    """The gloo group over ``group``'s ranks that only failure diagnostics use.
+
+    Created on first use (a collective among those ranks only), then cached: a model with many MoE
+    layers on one expert-parallel group holds one health group, not one per layer. Its monitored
+    barrier still reaches every live rank after a data collective failed, and names the others.
+    """
+    ranks = tuple(dist.get_process_group_ranks(group))
+    world = dist.group.WORLD
+    cached = _HEALTH_GROUPS.get(ranks)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    # NOTE: collective among the group's ranks only (a store-based rendezvous).
+    made = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    assert world is not None and made is not None  # a process group exists: we are inside one
+    _HEALTH_GROUPS[ranks] = (world, made)
+    return made
+
+
 def _unresponsive_ranks(health: ProcessGroup | None) -> str:
     """Names the ranks that do not reach a monitored barrier on the health group (hung or dead)."""
     if health is None:
@@ -97,17 +122,17 @@ def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group:
                health: ProcessGroup | None = None) -> Tensor:
     """Differentiable all_to_all_single over ``group`` (rows of x split by in_splits)."""
     if info is not None and info.check_splits:
-        check_splits(in_splits, out_splits, group, info, phase, health)
+        check_splits(in_splits, out_splits, group, info, phase, health, x_ND.device)
     out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group, info or CallInfo(), phase, health)
     return out
 
 
 def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: CallInfo, phase: str,
-                 health: ProcessGroup | None = None) -> None:
+                 health: ProcessGroup | None = None, device: torch.device | None = None) -> None:
     """Debug mode: all ranks must be in the same layer call, and each rank's receive sizes must equal
     what its peers send (gloo would silently read garbage). Decided together: every rank raises."""
     R, me = len(send), dist.get_rank(group)
-    mine = torch.tensor([zlib.crc32(info.layer.encode()), info.call, *send], dtype=torch.int64)
+    mine = torch.tensor([zlib.crc32(info.layer.encode()), info.call, *send], dtype=torch.int64, device=device)
     table = [torch.zeros_like(mine) for _ in range(R)]
     # NOTE: collective (debug mode only): all-gather of (layer, call, send sizes).
     guarded(info, f"{phase} split check", f"sending {send}", group,
@@ -123,7 +148,7 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
         bad = [q for q in range(R) if expected[q] != recv[q]]
         problem = (f"split sizes disagree on rank {me}: peers {bad} send {[expected[q] for q in bad]} rows, "
                    f"this rank expects {[recv[q] for q in bad]}")
-    flag = torch.tensor([1 if problem else 0])
+    flag = torch.tensor([1 if problem else 0], device=device)
     guarded(info, f"{phase} split check", "agreement flag", group,  # NOTE: collective
             lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group), health)
     if flag.item():
@@ -138,9 +163,14 @@ class AllToAllDispatcher:
         self.group = group
         self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.e = num_experts // self.R
-        # NOTE: collective among the group's ranks only: a gloo group kept for failure diagnostics.
-        self.health = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
-                                     use_local_synchronization=True)
+        self._health: ProcessGroup | None = None  # made at the first exchange (health_group)
+
+    @property
+    def health(self) -> ProcessGroup:
+        """The group's health group (see :func:`health_group`), fetched once."""
+        if self._health is None:
+            self._health = health_group(self.group)  # NOTE: collective the first time
+        return self._health
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""
@@ -166,9 +196,11 @@ class AllToAllDispatcher:
                 lambda: dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group), self.health)
         counts_RE = torch.stack(gathered)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
-        # NOTE: host-device sync: split sizes are needed on the host.
-        send_rows = plan.counts_E.reshape(R, e).sum(1).tolist()
-        recv_rows = recv_Re.sum(1).tolist()
+        # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
+        table = counts_RE.tolist()
+        mine = slice(self.rank * e, (self.rank + 1) * e)
+        send_rows = [sum(table[self.rank][q * e:(q + 1) * e]) for q in range(R)]
+        recv_rows = [sum(row[mine]) for row in table]
         # 2. Variable-size all-to-all of exactly the kept rows.
         recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch", self.health)
         # 3. The experts take the rows as received: one segment per source rank, expert-major inside.
@@ -176,5 +208,5 @@ class AllToAllDispatcher:
         report = CommReport(mode, tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
                             control_bytes=R * plan.counts_E.numel() * 8)
         ex = ExchangeState(send_rows, recv_rows, info)
-        return Dispatched(recv, recv_Re, plan,
-                          counts_E_global=counts_RE.sum(0), comm=report, exchange=ex)
+        return Dispatched(recv, recv_Re, plan, counts_E_global=counts_RE.sum(0), comm=report,
+                          exchange=ex, counts_host=[c for row in table for c in row[mine]])

@@ -15,7 +15,6 @@ L = (1/W) Σ_r loss_r over the world of W ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -37,11 +36,25 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return shared, expert
 
 
-def _all_reduce_grads(params: Iterable[nn.Parameter], group: ProcessGroup | None, scale: float) -> None:
+def _with_grad_anywhere(params: list[nn.Parameter], group: ProcessGroup | None) -> list[nn.Parameter]:
+    """The parameters that have a gradient on at least one rank of ``group``.
+
+    A parameter no rank used keeps ``grad=None``, as in single-device training, so optimizers skip it
+    (a zero gradient would still let AdamW decay and move it).
+    """
+    if not params:
+        return []
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)  # NOTE: collective (one flag per param)
+    return [p for p, flag in zip(params, has.tolist(), strict=True) if flag]  # NOTE: host-device sync
+
+
+def _all_reduce_grads(params: list[nn.Parameter], group: ProcessGroup | None, scale: float) -> None:
     """grad <- scale * Σ_group grad, with one flat all-reduce per dtype."""
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for p in params:
-        if p.grad is None:  # every rank must send the same flat buffer: a missing grad is zero
+    for p in _with_grad_anywhere(params, group):
+        if p.grad is None:  # another rank has one: every rank must send the same flat buffer
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
@@ -59,7 +72,9 @@ def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
     """After backward: makes every gradient the single-device gradient of the mean per-rank loss.
 
     Non-expert gradients are averaged over the world; expert gradients are summed over the ranks that
-    hold the same experts (ctx.dp_group) and divided by the world size. Every rank must call it.
+    hold the same experts (ctx.dp_group) and divided by the world size. A parameter that has a
+    gradient on some rank gets one everywhere (zeros where it had none, then the sum); a parameter
+    with no gradient on any rank keeps ``grad=None``. Every rank must call it.
     """
     shared, expert = split_parameters(model)
     scale = 1.0 / ctx.world_size

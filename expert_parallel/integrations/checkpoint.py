@@ -126,12 +126,39 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return final
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The last complete checkpoint in ``directory`` (what ``latest`` names), or None."""
-    pointer = Path(directory) / "latest"
-    if not pointer.exists():
+def latest_checkpoint(directory: str | Path, ctx: DistContext | None = None) -> Path | None:
+    """The last complete checkpoint in ``directory`` (what ``latest`` names), or None.
+
+    With ``ctx`` (every rank calls it), rank 0 reads ``latest`` and broadcasts the answer, so every
+    rank resumes from the same step even where ranks would read different files (node-local disks,
+    attribute caching on a network filesystem). Every rank must then see that checkpoint: the
+    checkpoint directory has to be on a filesystem shared by all nodes.
+
+    Raises:
+        FileNotFoundError: on every rank, naming the path and the ranks that cannot see it.
+    """
+    name = _read_latest(Path(directory))
+    if ctx is None or ctx.world_size == 1:
+        return None if name is None else Path(directory) / name
+    names = [name]
+    dist.broadcast_object_list(names, src=0)  # NOTE: collective: rank 0's answer for everyone
+    if names[0] is None:
         return None
-    return Path(directory) / pointer.read_text().strip()
+    path = Path(directory) / names[0]
+    blind = torch.tensor([0 if (path / ".metadata").exists() else 1], device=ctx.device)
+    gathered = [torch.zeros_like(blind) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, blind)  # NOTE: collective: who cannot see it
+    missing = [r for r, flag in enumerate(gathered) if int(flag.item())]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {path} (named by rank 0's {Path(directory) / 'latest'}) is not readable on "
+            f"ranks {missing}: the checkpoint directory must be on a filesystem shared by every node")
+    return path
+
+
+def _read_latest(directory: Path) -> str | None:
+    pointer = directory / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -97,6 +97,8 @@ class Dispatched:
         counts_E_global: int64 [E], kept rows per expert summed over the expert-parallel group.
         comm: the traffic report of this call.
         exchange: the split sizes of the exchange (None when nothing was exchanged).
+        counts_host: counts_Re flattened on the host, where the dispatcher already copied them
+            (the experts' segment loop then needs no device-to-host copy of its own).
     """
 
     x_nD: Tensor
@@ -105,6 +107,7 @@ class Dispatched:
     counts_E_global: Tensor
     comm: CommReport
     exchange: ExchangeState | None = None
+    counts_host: list[int] | None = None
 
 
 class Dispatcher(Protocol):
@@ -127,25 +130,32 @@ def gather_rows(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
 
 
 def _soft_slots(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
-    """Soft MoE slots: every slot a dispatch-weighted mix of its group's tokens, rows (e, g, p)."""
+    """Soft MoE slots: every slot a dispatch-weighted mix of its group's tokens, rows (e, g, p).
+
+    The mix runs in the dispatch weights' dtype (router_dtype, fp32) and the slots are cast to x's.
+    """
     assert plan.soft is not None
     G, S, E = plan.num_groups, plan.tokens_per_group, plan.num_experts
-    dispatch_GSJ = plan.soft.dispatch_GSJ.to(x_TD.dtype)
-    slots_GJD = torch.einsum("gsn,gsd->gnd", dispatch_GSJ, x_TD.reshape(G, S, -1))
+    dispatch_GSJ = plan.soft.dispatch_GSJ
+    x_GSD = x_TD.reshape(G, S, -1).to(torch.promote_types(x_TD.dtype, dispatch_GSJ.dtype))
+    slots_GJD = torch.einsum("gsj,gsd->gjd", dispatch_GSJ.to(x_GSD.dtype), x_GSD).to(x_TD.dtype)
     return slots_GJD.reshape(G, E, -1, x_TD.shape[-1]).transpose(0, 1).reshape(-1, x_TD.shape[-1])
 
 
 def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
     """y_TD = sum of gate_N * y_ND over the rows of each token (index_add; dropped copies add 0).
 
-    Soft MoE: y_s = sum over the group's slots j of combine[s, j] * y_j.
+    Soft MoE: y_s = sum over the group's slots j of combine[s, j] * y_j. The weights stay in
+    router_dtype (fp32) and the sum runs in the wider of it and y's dtype: bf16 expert outputs are
+    weighted and summed in fp32 (the caller casts the result to the layer's output dtype).
     """
     if plan.soft is not None:
         G, E, D = plan.num_groups, plan.num_experts, y_ND.shape[-1]
+        combine_GSJ = plan.soft.combine_GSJ
         y_GJD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
-        combine_GSJ = plan.soft.combine_GSJ.to(y_ND.dtype)
-        return torch.einsum("gsn,gnd->gsd", combine_GSJ, y_GJD).reshape(num_tokens, D)
-    out_TD: Tensor = _WeightedIndexAdd.apply(y_ND, plan.gate_N.to(y_ND.dtype), plan.token_N, num_tokens)
+        y_GJD = y_GJD.to(torch.promote_types(y_ND.dtype, combine_GSJ.dtype))
+        return torch.einsum("gsj,gjd->gsd", combine_GSJ.to(y_GJD.dtype), y_GJD).reshape(num_tokens, D)
+    out_TD: Tensor = _WeightedIndexAdd.apply(y_ND, plan.gate_N, plan.token_N, num_tokens)
     return out_TD
 
 
@@ -156,7 +166,9 @@ class _WeightedIndexAdd(torch.autograd.Function):
     fewer passes over the [N, D] rows, which are memory-bound: the weighted rows are made a chunk of
     rows at a time (a cache-sized temporary instead of a fresh [N, D] tensor), and the backward
     gathers the output gradient a chunk at a time into the row gradient, takes the gate gradient's
-    dot products from that cached chunk and scales it in place.
+    dot products from that cached chunk and scales it in place. The chunks are for CPU caches: on
+    CUDA (and when y and the gates differ in dtype) one pass does it. The sum runs in the wider
+    dtype of y and the gates.
     """
 
     CHUNK = 2048  # rows per chunk: 4 MiB of fp32 temporaries at D = 512
@@ -165,16 +177,28 @@ class _WeightedIndexAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y_ND: Tensor, gate_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
         ctx.save_for_backward(y_ND, gate_N, token_N)
-        out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
-        for a in range(0, y_ND.shape[0], _WeightedIndexAdd.CHUNK):
-            b = a + _WeightedIndexAdd.CHUNK
+        out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]),
+                                dtype=torch.promote_types(y_ND.dtype, gate_N.dtype))
+        chunk = _WeightedIndexAdd.chunk(y_ND, gate_N, _WeightedIndexAdd.CHUNK)
+        for a in range(0, y_ND.shape[0], chunk):
+            b = a + chunk
             out_TD.index_add_(0, token_N[a:b], y_ND[a:b] * gate_N[a:b, None])
         return out_TD
+
+    @staticmethod
+    def chunk(y_ND: Tensor, gate_N: Tensor, rows: int) -> int:
+        """Rows per chunk: ``rows`` for same-dtype CPU tensors, else all of them in one pass."""
+        return rows if y_ND.device.type == "cpu" and y_ND.dtype == gate_N.dtype else max(y_ND.shape[0], 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y_ND, gate_N, token_N = ctx.saved_tensors
+        if y_ND.dtype != gate_N.dtype or y_ND.device.type != "cpu":
+            g_ND = g_TD.index_select(0, token_N)
+            grad_gate = torch.linalg.vecdot(g_ND, y_ND.to(g_ND.dtype)) if ctx.needs_input_grad[1] else None
+            grad_rows = (g_ND * gate_N[:, None]).to(y_ND.dtype) if ctx.needs_input_grad[0] else None
+            return grad_rows, grad_gate, None, None
         grad_y = y_ND.new_empty(y_ND.shape)  # first the gathered output gradient, scaled in place
         grad_gate = gate_N.new_empty(gate_N.shape) if ctx.needs_input_grad[1] else None
         for a in range(0, y_ND.shape[0], _WeightedIndexAdd.BACKWARD_CHUNK):

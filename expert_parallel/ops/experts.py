@@ -96,29 +96,52 @@ def _aligned(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     return d_model % align == 0 and d_ff % align == 0
 
 
-def _can_use_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
-    # torch's CUDA grouped_mm kernel (with its own backward) needs bf16 and 16-byte aligned strides.
-    return (hasattr(F, "grouped_mm") and x_ND.is_cuda and x_ND.dtype == torch.bfloat16
-            and _aligned(x_ND, d_model, d_ff))
-
-
 @functools.cache
-def _cpu_grouped_mm_available() -> bool:
-    """Whether this torch has a CPU grouped_mm kernel (its fallback: one mm per group, looped in C++)."""
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped_mm runs on this device in this dtype: probed once with a tiny product.
+
+    Which GPUs and dtypes the CUDA kernel takes depends on the torch version and the GPU's compute
+    capability (bf16 is the documented case), and torch < 2.8 has no grouped_mm at all, so a probe is
+    the reliable test; where it fails, the segment loop serves. The CPU kernel (a C++ loop of one mm
+    per group) exists from torch 2.10 on.
+    """
     if not hasattr(F, "grouped_mm"):
         return False
     try:
-        F.grouped_mm(torch.ones(4, 4), torch.ones(1, 4, 4), offs=torch.tensor([4], dtype=torch.int32))
-    except (RuntimeError, NotImplementedError):
+        x = torch.ones(16, 16, dtype=dtype, device=device)
+        w = torch.ones(2, 16, 16, dtype=dtype, device=device)
+        F.grouped_mm(x, w, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError, TypeError):
         return False
     return True
+
+
+def _can_use_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
+    # torch's CUDA grouped_mm (with its own backward): 16-byte aligned strides, a supported GPU/dtype.
+    # Unaligned sizes fall back to the segment loop rather than being padded (a copy of every row).
+    return x_ND.is_cuda and _aligned(x_ND, d_model, d_ff) and grouped_mm_works(x_ND.device, x_ND.dtype)
 
 
 def _can_use_cpu_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     # Expert-major rows (one segment) only: grouped_mm has no out= to write several segments' groups
     # into one buffer. Strides must be row-major and multiples of 16 bytes.
     return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16)
-            and _row_major(x_ND) and _aligned(x_ND, d_model, d_ff) and _cpu_grouped_mm_available())
+            and _row_major(x_ND) and _aligned(x_ND, d_model, d_ff)
+            and grouped_mm_works(x_ND.device, x_ND.dtype))
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's lower precision when autocast is on for x's
+    device (fp32 master weights with bf16 compute), else x's own dtype."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_on(x.device) else x.dtype
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is enabled for this device's type (False where autocast has no such type)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # e.g. "meta"
+        return False
 
 
 def _row_major(t: Tensor) -> bool:
@@ -134,13 +157,14 @@ def _as_row_major(t: Tensor) -> Tensor:
 Segment = tuple[int, int, int]  # (first row, end row, local expert)
 
 
-def segments(counts_Re: Tensor) -> list[Segment]:
+def segments(counts_Re: Tensor, counts_host: list[int] | None = None) -> list[Segment]:
     """The non-empty row ranges (segments) of rows ordered (source rank, local expert), with their experts.
 
-    NOTE: host-device sync: the row counts are needed on the host to slice the rows.
+    ``counts_host``: the same counts flattened, where the caller already has them on the host.
+    NOTE: host-device sync otherwise: the row counts are needed on the host to slice the rows.
     """
     out, start = [], 0
-    for index, size in enumerate(counts_Re.reshape(-1).tolist()):
+    for index, size in enumerate(counts_Re.reshape(-1).tolist() if counts_host is None else counts_host):
         if size:
             out.append((start, start + size, index % counts_Re.shape[-1]))
             start += size
@@ -267,20 +291,32 @@ class GroupedExperts(nn.Module):
         """The stacked expert tensors by state-dict name."""
         return dict(self.named_parameters())
 
-    def forward(self, x_ND: Tensor, counts_Re: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, counts_Re: Tensor, counts_host: list[int] | None = None) -> Tensor:
         """Runs every local expert on its rows.
+
+        Under autocast the rows and the weights are cast to autocast's dtype at the GEMMs (fp32
+        master weights, bf16 compute; the weights' gradients come back in fp32), and the experts
+        run with autocast off, so every path sees one dtype.
 
         Args:
             x_ND: rows ordered by (source rank, local expert): sorted by local expert in one
                 process; with expert parallelism, one block per source rank, as received.
             counts_Re: int64 [R, e] (or [e] for one source), rows per (source rank, local expert);
                 sums to N.
+            counts_host: the same counts flattened on the host, if the caller has them (saves a
+                device-to-host copy).
 
         Returns:
-            y_ND: the expert outputs, row for row.
+            y_ND: the expert outputs, row for row, in the compute dtype.
         """
-        counts_Re = counts_Re.reshape(-1, self.num_local)
-        w = self.weights()
+        dtype = compute_dtype(x_ND)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            w = {name: p.to(dtype) for name, p in self.named_parameters()}  # no-op without autocast
+            return self._run(x_ND.to(dtype), counts_Re.reshape(-1, self.num_local), w, counts_host)
+
+    def _run(self, x_ND: Tensor, counts_Re: Tensor, w: dict[str, Tensor],
+             counts_host: list[int] | None) -> Tensor:
+        """The expert MLP on the fastest path this device and dtype have."""
         if _can_use_grouped_mm(x_ND, self.d_model, self.d_ff):
             if counts_Re.shape[0] == 1:
                 return self._grouped_mm(x_ND, counts_Re[0], w, _native_grouped_mm)
@@ -289,7 +325,7 @@ class GroupedExperts(nn.Module):
             return y_ND.new_empty(y_ND.shape).index_copy(0, order, y_ND)
         if counts_Re.shape[0] == 1 and _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff):
             return self._grouped_mm(x_ND, counts_Re[0], w, _CPUGroupedMM.apply)
-        segs = segments(counts_Re)
+        segs = segments(counts_Re, counts_host)
         # The segment GEMMs see every row and weight even when a segment list is empty, so the
         # output always depends on them: a rank whose experts received nothing still runs the
         # backward all-to-alls that its peers wait in.

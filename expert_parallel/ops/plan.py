@@ -133,7 +133,7 @@ def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
         num_experts=E, num_groups=G, tokens_per_group=S, capacity=capacity,
         token_N=sorted_M // K, expert_N=expert_N, group_N=sorted_M // (S * K), slot_N=slot_M,
         gate_N=gates_GSK.reshape(-1)[sorted_M], counts_E=torch.bincount(expert_N, minlength=E),
-        dropped_fraction=torch.tensor(1.0 - sorted_M.shape[0] / max(G * S * K, 1)))
+        dropped_fraction=torch.tensor(1.0 - sorted_M.shape[0] / max(G * S * K, 1), device=device))
 
 
 def _full_slots(E: int, G: int, C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -174,4 +174,4 @@ def soft_plan(dispatch_GSJ: Tensor, combine_GSJ: Tensor, num_experts: int) -> Ro
         num_experts=num_experts, num_groups=G, tokens_per_group=S, capacity=P, token_N=empty,
         expert_N=expert_N, group_N=group_N, slot_N=slot_N, gate_N=dispatch_GSJ.new_empty(0),
         counts_E=torch.full((num_experts,), G * P, dtype=torch.int64, device=dispatch_GSJ.device),
-        dropped_fraction=torch.tensor(0.0), soft=SoftMix(dispatch_GSJ, combine_GSJ))
+        dropped_fraction=torch.zeros((), device=dispatch_GSJ.device), soft=SoftMix(dispatch_GSJ, combine_GSJ))

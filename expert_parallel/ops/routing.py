@@ -61,8 +61,9 @@ class Router(nn.Module):
         return x_XD
 
     def logits(self, x_XD: Tensor) -> Tensor:
-        """Routing logits [..., outputs] in router_dtype."""
-        return F.linear(self.router_input(x_XD), self.weight.to(self.router_dtype))
+        """Routing logits [..., outputs] in router_dtype (also under autocast, which is off here)."""
+        with torch.autocast(x_XD.device.type, enabled=False):
+            return F.linear(self.router_input(x_XD), self.weight.to(self.router_dtype))
 
 
 class TopKRouter(Router):
@@ -105,13 +106,14 @@ class NoisyTopKRouter(TopKRouter):
         nn.init.zeros_(self.noise.weight)
 
     def logits(self, x_XD: Tensor) -> Tensor:
-        """Routing logits, with the learned noise added in training."""
-        x_XD = self.router_input(x_XD)
-        logits_XE = F.linear(x_XD, self.weight.to(self.router_dtype))
-        if self.training:
-            std_XE = F.softplus(F.linear(x_XD, self.noise.weight.to(self.router_dtype)))
-            logits_XE = logits_XE + torch.randn_like(logits_XE) * std_XE
-        return logits_XE
+        """Routing logits, with the learned noise added in training (router_dtype, autocast off)."""
+        with torch.autocast(x_XD.device.type, enabled=False):
+            x_XD = self.router_input(x_XD)
+            logits_XE = F.linear(x_XD, self.weight.to(self.router_dtype))
+            if self.training:
+                std_XE = F.softplus(F.linear(x_XD, self.noise.weight.to(self.router_dtype)))
+                logits_XE = logits_XE + torch.randn_like(logits_XE) * std_XE
+            return logits_XE
 
 
 class ExpertChoiceOutput(NamedTuple):

@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--ep-size", type=int, required=True)
     args = parser.parse_args()
-    ctx = ep.init_distributed(ep_size=args.ep_size)
+    ctx = ep.init_distributed(ep_size=args.ep_size, backend="gloo")
     model, opt = build(ctx)
     if args.phase == "save":
         for step in range(3):
@@ -78,7 +78,7 @@ def main() -> int:
             torch.save(reference, args.dir / "reference.pt")
     else:
         reference = torch.load(args.dir / "reference.pt")
-        meta = load_checkpoint(ep.checkpoint.latest_checkpoint(args.dir / "ckpt"), model, opt, ctx,
+        meta = load_checkpoint(ep.checkpoint.latest_checkpoint(args.dir / "ckpt", ctx), model, opt, ctx,
                                meta={"note": ""})
         assert meta["step"] == 3 and meta["note"] == "layout test", meta
         for key, value in full_state_dict(model).items():

@@ -1,6 +1,7 @@
 """Run under torchrun: expert-parallel MoE == single-device reference, case by case.
 
     torchrun --standalone --nproc-per-node 4 tests/workers/ep_equivalence.py --ep-size 2
+    torchrun --standalone --nproc-per-node 2 tests/workers/ep_equivalence.py --ep-size 2 --backend nccl
 
 Every rank also builds the single-device reference and runs it on every rank's slice (group
 boundaries at rank boundaries), so each rank can check its own numbers. Prints "ALL OK <n>" on rank 0.
@@ -79,24 +80,25 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
 
 
-def make_data(world: int, sizes: list[int], block: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def make_data(sizes: list[int], block: bool,
+              device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(b, L, D, generator=g) for b in sizes]
     ws = [torch.randn(b, L, D, generator=g) for b in sizes]
     if block:  # a constant feature that the blocked experts' router rows punish
         for x in xs:
             x[..., 0] = 10.0
-    return xs, ws
+    return [x.to(device) for x in xs], [w.to(device) for w in ws]
 
 
 def reference(cfg: ep.MoEConfig, training: bool, block: bool, ctx: ep.DistContext) -> ep.MoE:
     torch.manual_seed(0)
-    ref = ep.MoE(cfg).train(training)
+    ref = ep.MoE(cfg).train(training).to(ctx.device)
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
         for name, p in ref.named_parameters():
             if ".b_" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device))
         if block:
             e = E // ctx.ep_size
             ref.router.weight[:, 0] = 0.0
@@ -110,15 +112,15 @@ def run_case(ctx: ep.DistContext, name: str) -> None:
     W, r = ctx.world_size, ctx.rank
     # Layout-independent initialisation: same seed, same experts, whatever the layout.
     torch.manual_seed(0)
-    moe = ep.MoE(cfg, ep_group=ctx.ep_group).train(training)
+    moe = ep.MoE(cfg, ep_group=ctx.ep_group).train(training).to(ctx.device)
     ref = reference(cfg, training, block, ctx)
     torch.manual_seed(0)
     for key, value in ep.MoE(cfg).state_dict().items():
-        assert torch.equal(moe.full_state_dict()[key], value), f"{name}: init of {key}"
+        assert torch.equal(moe.full_state_dict()[key].cpu(), value), f"{name}: init of {key}"
     moe.load_full_state_dict(ref.state_dict())
 
     sizes = batch_sizes(kind, W)
-    xs, ws = make_data(W, sizes, block)
+    xs, ws = make_data(sizes, block, ctx.device)
     # Expert-parallel: my slice only.
     x = xs[r].clone().requires_grad_()
     y, aux = moe(x)
@@ -149,9 +151,10 @@ def check_param_grads(moe: ep.MoE, ref: ep.MoE, name: str) -> None:
     first, count = moe.experts.first, moe.experts.num_local
     for pname, p in moe.named_parameters():
         g_ref = ref_grads[pname].grad
+        if g_ref is None:  # unused on every rank (noise weight in eval): no gradient, as in one process
+            assert p.grad is None, f"{name}: sync_gradients made a gradient for unused {pname}"
+            continue
         assert p.grad is not None, f"{name}: sync_gradients left no grad for {pname}"
-        if g_ref is None:  # unused parameter (noise weight in eval): sync_gradients fills zeros
-            g_ref = torch.zeros_like(ref_grads[pname])
         if pname.startswith("experts."):
             g_ref = g_ref[first:first + count]
         close(p.grad, g_ref, f"{name}: grad of {pname}")
@@ -210,15 +213,15 @@ def train_steps(ctx: ep.DistContext, steps: int = 20) -> None:
     """20 AdamW steps with clipping under EP x DP == 20 steps in one process on the same batches."""
     W, r = ctx.world_size, ctx.rank
     torch.manual_seed(0)
-    model = TwoLayer(ctx.ep_group)
+    model = TwoLayer(ctx.ep_group).to(ctx.device)
     torch.manual_seed(0)
-    ref = TwoLayer(None)
+    ref = TwoLayer(None).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(3)
     for _ in range(steps):
-        xs = [torch.randn(2, L, D, generator=g) for _ in range(W)]
-        targets = [torch.randn(2, L, D, generator=g) for _ in range(W)]
+        xs = [torch.randn(2, L, D, generator=g).to(ctx.device) for _ in range(W)]
+        targets = [torch.randn(2, L, D, generator=g).to(ctx.device) for _ in range(W)]
         out, aux_loss = model(xs[r])
         (((out - targets[r]) ** 2).mean() + aux_loss).backward()
         ep.sync_gradients(model, ctx)
@@ -246,10 +249,11 @@ def main() -> int:
     parser.add_argument("--random", type=int, default=0, help="add N seeded random configurations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launcher", default="torchrun", help="the launcher this run expects")
+    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--local_rank", type=int, default=None)  # the DeepSpeed launcher passes it
     args = parser.parse_args()
-    ctx = ep.init_distributed(ep_size=args.ep_size, timeout=120)
-    assert ctx.launcher == args.launcher and ctx.backend == "gloo", (ctx.launcher, ctx.backend)
+    ctx = ep.init_distributed(ep_size=args.ep_size, backend=args.backend, timeout=120)
+    assert ctx.launcher == args.launcher and ctx.backend == args.backend, (ctx.launcher, ctx.backend)
     assert ctx.world_size == ctx.ep_size * ctx.dp_size
     if ctx.ep_size > 1:
         try:

@@ -58,7 +58,7 @@ def plant_in_dispatch(rank: int, action) -> None:  # type: ignore[no-untyped-def
 
 def main() -> int:
     scenario = sys.argv[1]
-    ctx = ep.init_distributed(timeout=TIMEOUT)
+    ctx = ep.init_distributed(backend="gloo", timeout=TIMEOUT)
     r = ctx.rank
     x = torch.randn(2, 8, D)
     if scenario == "config_mismatch":

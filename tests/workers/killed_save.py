@@ -36,7 +36,7 @@ def step(model: LanguageModel, opt: torch.optim.Optimizer) -> None:
 
 def main() -> int:
     directory, phase = Path(sys.argv[1]), sys.argv[2]
-    ctx = ep.init_distributed()
+    ctx = ep.init_distributed(backend="gloo")
     model, opt = build()
     if phase == "first":
         step(model, opt)
