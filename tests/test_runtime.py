@@ -49,3 +49,28 @@ def test_one_process_names_the_device_of_every_tensor_it_makes(overrides: dict) 
         y, aux = moe(x)
         (y.sum() + aux.loss).backward()
     assert watch.undirected == []
+
+
+def test_the_training_program_keeps_its_tensors_on_the_device(tmp_path: Path) -> None:
+    """Two steps (one with an evaluation) of the LM example in one process: every tensor the program
+    and the library make names its device, except the host-side data sampling, whose batches are
+    moved to the device before use (metric tensors that entered collectives failed under NCCL)."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from expert_parallel.apps import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2",
+                              "--seq-len", "16", "--d-model", "32", "--n-layers", "1", "--backend", "gloo",
+                              "--out", str(tmp_path)])
+    run = train.setup(args)
+    try:
+        with FactoryWatch(host_side=("get_batch", "load_corpus")) as watch:
+            records = [train.train_step(run, step) for step in (1, 2)]
+        assert watch.undirected == []
+        assert "val_loss" in records[1] and len(records[0]["expert_counts"][0]) == args.num_experts
+    finally:
+        dist.destroy_process_group()

@@ -158,15 +158,16 @@ class FactoryWatch(TorchFunctionMode):
     computation it mixes devices. On this CPU machine the mode finds them all the same.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host_side: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.undirected: list[str] = []
+        self.host_side = host_side  # functions that make host tensors on purpose (e.g. data sampling)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in FACTORIES and "device" not in kwargs:
             caller = inspect.stack()[1]
-            if caller.filename.startswith(PACKAGE):
+            if caller.filename.startswith(PACKAGE) and caller.function not in self.host_side:
                 self.undirected.append(f"{func.__name__} at {caller.filename}:{caller.lineno}")
         return func(*args, **kwargs)
 
