@@ -14,9 +14,10 @@ from .comm.distributed import all_gather_cat, check_same_on_all_ranks, fingerpri
 from .comm.exchange import AllToAllDispatcher, guarded, health_group
 from .config import MoEConfig
 from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
-from .ops.experts import GroupedExperts, autocast_on, compute_dtype, draw_base_seed
+from .ops.experts import GroupedExperts, draw_base_seed
 from .ops.losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
 from .ops.plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
+from .ops.precision import autocast_on, compute_dtype
 from .ops.routing import (
     ExpertChoiceRouter,
     capacity,
@@ -86,15 +87,15 @@ class MoE(nn.Module):
     def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
         """Routes every token to its experts and mixes their outputs.
 
+        Under autocast (fp32 parameters, bf16 compute) the router and the gates stay in
+        router_dtype, the token rows are cast to bf16 before the exchange (half the bytes), the
+        expert GEMMs run in bf16, and the weighted combine sums in fp32.
+
         Args:
             x_BLD: [B, L, D] input, dtype equal to cfg.dtype (or, under autocast, autocast's dtype).
 
         Returns:
             y_BLD: [B, L, D], same shape and dtype as the input.
-
-        Under autocast (fp32 parameters, bf16 compute) the router and the gates stay in
-        router_dtype, the token rows are cast to bf16 before the exchange (half the bytes), the
-        expert GEMMs run in bf16, and the weighted combine sums in fp32.
             aux: the auxiliary losses and routing statistics (:class:`MoEAux`).
         """
         self._check_input(x_BLD)

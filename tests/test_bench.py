@@ -156,3 +156,13 @@ def test_expert_flops_match_torch_flop_counter(activation: str, monkeypatch: pyt
     with FlopCounterMode(display=False) as counter:
         experts(x, counts).sum().backward()
     assert counter.get_total_flops() == expert_flops(cfg, tokens)
+
+
+def test_bench_runs_expert_parallel_under_torchrun(tmp_path: Path) -> None:
+    """Two ranks: the replicas start equal (one seed for the model, one per rank for the tokens)."""
+    out_json = tmp_path / "bench.json"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "expert_parallel", "bench", "--tokens", "128", *SMALL, "--no-deepspeed",
+         "--json", str(out_json)], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    result = json.loads(out_json.read_text())
+    assert result["ep_size"] == 2 and result["points"][0]["median_s"]["ours"] > 0

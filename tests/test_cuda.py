@@ -9,6 +9,7 @@ NCCL equals the single-device reference.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_fp32_master_weights_under_bf16_autocast_reach_grouped_mm(monkeypatch: p
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y, aux, _, _ = check_low_precision(moe, ref, torch.randn(4, 32, 64, device=CUDA), autocast=True)
         (y.square().sum() + aux.loss).backward()
-    assert y.dtype == torch.float32 and calls and set(calls) == {torch.bfloat16}
+    assert y.dtype == torch.float32 and calls.count(torch.bfloat16) == 3, calls  # swiglu: 3 GEMMs
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in moe.parameters())
 
 
@@ -115,7 +116,10 @@ def test_bench_in_bf16_prints_tflops_and_the_fraction_of_peak(tmp_path: Path) ->
                "--tokens", "16384", "--d-model", "2048", "--d-ff", "4096", "--num-experts", "8",
                "--repeats", "5", "--no-deepspeed", "--json", str(tmp_path / "bench.json")], timeout=300)
     print(out)
-    assert "TFLOP/s" in out
+    point = json.loads((tmp_path / "bench.json").read_text())["points"][0]
+    assert point["expert_tflops"]["ours"] > 0
+    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200", "A100")):
+        assert 0 < point["fraction_of_peak"]["ours"] < 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

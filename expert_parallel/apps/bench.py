@@ -42,6 +42,7 @@ from ..comm.distributed import DistContext, init_distributed
 from ..config import MoEConfig
 from ..layer import MoE
 from ..ops.experts import GroupedExperts, ffn
+from ..ops.routing import capacity
 
 
 def _float_or_none(text: str) -> float | None:
@@ -221,8 +222,9 @@ def peak_bytes(step: Step, device: torch.device) -> int:
 
 def _variants(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namespace,
               device: torch.device) -> tuple[dict[str, Variant], str]:
-    torch.manual_seed(1234 + ctx.rank)
-    x = torch.randn(1, tokens, cfg.d_model, dtype=cfg.dtype, device=device, requires_grad=True)
+    torch.manual_seed(1234)  # the same seed on every rank: replicas must start equal
+    data = torch.Generator().manual_seed(1234 + ctx.rank)  # each rank its own tokens
+    x = torch.randn(1, tokens, cfg.d_model, generator=data, dtype=cfg.dtype).to(device).requires_grad_()
     variants = {"ours": _ours(cfg, ctx, x), "floor-loop": _floor_loop(cfg, ctx, tokens, device),
                 "floor-bmm": _floor_bmm(cfg, ctx, tokens, device)}
     note = ""
@@ -269,11 +271,22 @@ def measure(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namesp
     return result
 
 
+def expert_rows(cfg: MoEConfig, tokens: int) -> int:
+    """Rows the experts run for ``tokens`` tokens (one routing group): T·K for top-k (every
+    assignment, as the floor runs them; rows dropped by capacity count as work), E·C for expert
+    choice, E·slots for Soft MoE."""
+    if cfg.router == "soft":
+        return cfg.num_experts * cfg.slots_per_expert
+    if cfg.router == "expert_choice":
+        return cfg.num_experts * min(capacity(cfg, tokens, training=True) or tokens, tokens)
+    return tokens * cfg.top_k
+
+
 def expert_flops(cfg: MoEConfig, tokens: int) -> float:
-    """FLOPs of the expert GEMMs of one forward+backward on one rank: T·K rows through 2 (3 gated)
-    [D, F] products, 2 FLOPs per multiply-add, and the backward's two products per forward one."""
+    """FLOPs of the expert GEMMs of one forward+backward on one rank: the expert rows through 2 (3
+    gated) [D, F] products, 2 FLOPs per multiply-add, and the backward's two products per forward one."""
     mats = 3 if cfg.gated else 2
-    return 3 * 2 * tokens * cfg.top_k * cfg.d_model * cfg.d_ff * mats
+    return 3 * 2 * expert_rows(cfg, tokens) * cfg.d_model * cfg.d_ff * mats
 
 
 # Dense (no sparsity) peak TFLOP/s of the bf16 tensor cores, from the vendors' data sheets (SXM parts).

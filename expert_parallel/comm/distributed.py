@@ -193,8 +193,10 @@ def _as_timedelta(timeout: timedelta | float) -> timedelta:
 def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedelta) -> str:
     """Creates the default process group (or adopts an existing one); returns its backend."""
     if dist.is_initialized():
-        adopted = str(dist.get_backend())
-        return "nccl" if "nccl" in adopted else adopted
+        adopted = "nccl" if "nccl" in str(dist.get_backend()) else str(dist.get_backend())
+        if adopted == "nccl":
+            torch.cuda.set_device(launch.local_rank)  # object collectives use the current device
+        return adopted
     backend = backend or default_backend(launch)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend={backend!r} is invalid: expected 'gloo', 'nccl' or None (default)")
@@ -322,5 +324,6 @@ def fingerprint(t: Tensor) -> int:
     For comparing replicas across ranks without sending them; torch only (the library needs no numpy).
     """
     data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).long()
-    weights = torch.arange(1, data.numel() + 1, dtype=torch.int64) * 2654435761 % (2**31 - 1)
+    index = torch.arange(1, data.numel() + 1, dtype=torch.int64, device=data.device)
+    weights = index * 2654435761 % (2**31 - 1)
     return int((data * weights).sum())

@@ -43,8 +43,9 @@ _HEALTH_GROUPS: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {}
 def health_group(group: ProcessGroup) -> ProcessGroup:
     """The gloo group over ``group``'s ranks that only failure diagnostics use.
 
-    Created on first use (a collective among those ranks only), then cached: a model with many MoE
-    layers on one expert-parallel group holds one health group, not one per layer. Its monitored
+    Created on first use (a collective among those ranks only, when the first layer on them is
+    built), then cached: a model with many MoE layers on one expert-parallel group holds one health
+    group, not one per layer. Its monitored
     barrier still reaches every live rank after a data collective failed, and names the others.
     """
     ranks = tuple(dist.get_process_group_ranks(group))
@@ -163,14 +164,10 @@ class AllToAllDispatcher:
         self.group = group
         self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.e = num_experts // self.R
-        self._health: ProcessGroup | None = None  # made at the first exchange (health_group)
-
-    @property
-    def health(self) -> ProcessGroup:
-        """The group's health group (see :func:`health_group`), fetched once."""
-        if self._health is None:
-            self._health = health_group(self.group)  # NOTE: collective the first time
-        return self._health
+        # NOTE: collective for the first layer on these ranks (every rank builds it), cached after:
+        # made now rather than at the first exchange, where a late or dead peer would turn the
+        # rendezvous into an unnamed store error (and group creation would sit inside a compiled step).
+        self.health = health_group(group)
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""

@@ -137,14 +137,21 @@ def latest_checkpoint(directory: str | Path, ctx: DistContext | None = None) -> 
     Raises:
         FileNotFoundError: on every rank, naming the path and the ranks that cannot see it.
     """
-    name = _read_latest(Path(directory))
     if ctx is None or ctx.world_size == 1:
+        name = _read_latest(Path(directory))
         return None if name is None else Path(directory) / name
-    names = [name]
-    dist.broadcast_object_list(names, src=0)  # NOTE: collective: rank 0's answer for everyone
-    if names[0] is None:
+    answer: list[Any] = [None, None]  # (name, error): only rank 0 reads, every rank raises alike
+    if ctx.rank == 0:
+        try:
+            answer[0] = _read_latest(Path(directory))
+        except OSError as err:
+            answer[1] = f"{type(err).__name__}: {err}"
+    dist.broadcast_object_list(answer, src=0)  # NOTE: collective: rank 0's answer for everyone
+    if answer[1] is not None:
+        raise FileNotFoundError(f"rank 0 could not read {Path(directory) / 'latest'}: {answer[1]}")
+    if answer[0] is None:
         return None
-    path = Path(directory) / names[0]
+    path = Path(directory) / answer[0]
     blind = torch.tensor([0 if (path / ".metadata").exists() else 1], device=ctx.device)
     gathered = [torch.zeros_like(blind) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, blind)  # NOTE: collective: who cannot see it

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .plan import RoutingPlan
+from .precision import autocast_off
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def _soft_slots(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
     G, S, E = plan.num_groups, plan.tokens_per_group, plan.num_experts
     dispatch_GSJ = plan.soft.dispatch_GSJ
     x_GSD = x_TD.reshape(G, S, -1).to(torch.promote_types(x_TD.dtype, dispatch_GSJ.dtype))
-    slots_GJD = torch.einsum("gsj,gsd->gjd", dispatch_GSJ.to(x_GSD.dtype), x_GSD).to(x_TD.dtype)
+    with autocast_off(x_TD.device):
+        slots_GJD = torch.einsum("gsj,gsd->gjd", dispatch_GSJ.to(x_GSD.dtype), x_GSD).to(x_TD.dtype)
     return slots_GJD.reshape(G, E, -1, x_TD.shape[-1]).transpose(0, 1).reshape(-1, x_TD.shape[-1])
 
 
@@ -154,7 +156,8 @@ def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
         combine_GSJ = plan.soft.combine_GSJ
         y_GJD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
         y_GJD = y_GJD.to(torch.promote_types(y_ND.dtype, combine_GSJ.dtype))
-        return torch.einsum("gsj,gjd->gsd", combine_GSJ.to(y_GJD.dtype), y_GJD).reshape(num_tokens, D)
+        with autocast_off(y_ND.device):
+            return torch.einsum("gsj,gjd->gsd", combine_GSJ.to(y_GJD.dtype), y_GJD).reshape(num_tokens, D)
     out_TD: Tensor = _WeightedIndexAdd.apply(y_ND, plan.gate_N, plan.token_N, num_tokens)
     return out_TD
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig
+from .precision import autocast_off, compute_dtype
 
 
 def activate(h_ND: Tensor, activation: str) -> Tensor:
@@ -111,6 +112,8 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         x = torch.ones(16, 16, dtype=dtype, device=device)
         w = torch.ones(2, 16, 16, dtype=dtype, device=device)
         F.grouped_mm(x, w, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a failing kernel reports asynchronously
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     return True
@@ -128,20 +131,6 @@ def _can_use_cpu_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16)
             and _row_major(x_ND) and _aligned(x_ND, d_model, d_ff)
             and grouped_mm_works(x_ND.device, x_ND.dtype))
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the expert GEMMs run in: autocast's lower precision when autocast is on for x's
-    device (fp32 master weights with bf16 compute), else x's own dtype."""
-    return torch.get_autocast_dtype(x.device.type) if autocast_on(x.device) else x.dtype
-
-
-def autocast_on(device: torch.device) -> bool:
-    """Whether autocast is enabled for this device's type (False where autocast has no such type)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # e.g. "meta"
-        return False
 
 
 def _row_major(t: Tensor) -> bool:
@@ -310,7 +299,7 @@ class GroupedExperts(nn.Module):
             y_ND: the expert outputs, row for row, in the compute dtype.
         """
         dtype = compute_dtype(x_ND)
-        with torch.autocast(x_ND.device.type, enabled=False):
+        with autocast_off(x_ND.device):
             w = {name: p.to(dtype) for name, p in self.named_parameters()}  # no-op without autocast
             return self._run(x_ND.to(dtype), counts_Re.reshape(-1, self.num_local), w, counts_host)
 

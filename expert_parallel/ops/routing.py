@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig, to_dtype
+from .precision import autocast_off
 
 
 class TopKOutput(NamedTuple):
@@ -62,7 +63,7 @@ class Router(nn.Module):
 
     def logits(self, x_XD: Tensor) -> Tensor:
         """Routing logits [..., outputs] in router_dtype (also under autocast, which is off here)."""
-        with torch.autocast(x_XD.device.type, enabled=False):
+        with autocast_off(x_XD.device):
             return F.linear(self.router_input(x_XD), self.weight.to(self.router_dtype))
 
 
@@ -107,7 +108,7 @@ class NoisyTopKRouter(TopKRouter):
 
     def logits(self, x_XD: Tensor) -> Tensor:
         """Routing logits, with the learned noise added in training (router_dtype, autocast off)."""
-        with torch.autocast(x_XD.device.type, enabled=False):
+        with autocast_off(x_XD.device):
             x_XD = self.router_input(x_XD)
             logits_XE = F.linear(x_XD, self.weight.to(self.router_dtype))
             if self.training:
