@@ -25,7 +25,7 @@ The code is layered, and a module imports only from the layers below it (tests/t
 
 from .comm.distributed import DistContext, LaunchEnv, detect_launcher, init_distributed, launch_env
 from .comm.exchange import CollectiveError
-from .comm.grads import clip_grad_norm_, grad_norm, sync_gradients
+from .comm.grads import clip_grad_norm_, grad_norm, sync_gradients, update_expert_bias
 from .config import MoEConfig
 from .integrations import checkpoint
 from .integrations.checkpoint import (
@@ -87,4 +87,5 @@ __all__ = [
     "prepare_for_deepspeed",
     "save_checkpoint",
     "sync_gradients",
+    "update_expert_bias",
 ]

@@ -18,6 +18,7 @@ TOKEN_CHOICE_ROUTERS = ("topk", "noisy_topk")
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 DROP_POLICIES = ("position", "probs")
+SCORE_FUNCS = ("softmax", "sigmoid")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,6 +92,24 @@ class MoEConfig:
     """Parameter dtype (a torch.dtype or its name)."""
     router_dtype: torch.dtype = torch.float32
     """Dtype of all routing math (a torch.dtype or its name)."""
+    score_func: str = "softmax"
+    """Token-choice scores: "softmax" over experts, or "sigmoid" per expert (DeepSeek-V3)."""
+    route_scale: float = 1.0
+    """Gates are multiplied by it after the optional normalisation (DeepSeek's routed_scaling_factor)."""
+    bias_update_rate: float | None = None
+    """Aux-loss-free balancing: a per-expert selection bias, updated by ep.update_expert_bias."""
+    num_expert_groups: int | None = None
+    """G for group-limited routing: the experts form G contiguous groups."""
+    num_limited_groups: int | None = None
+    """M for group-limited routing: each token picks its experts from its best M groups."""
+    num_shared_experts: int = 0
+    """Always-on shared experts, as one FeedForward of width shared_d_ff, replicated on every rank."""
+    shared_d_ff: int | None = None
+    """Hidden width of the shared experts; None means d_ff * num_shared_experts."""
+    shared_expert_gate: bool = False
+    """Multiply the shared output by sigmoid(x · shared_gate.weight[0]) (Qwen2-MoE)."""
+    seq_aux_loss_coef: float = 0.0
+    """Weight of DeepSeek-V3's sequence-wise balance loss (MoEAux.seq_balance_loss) in aux.loss."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", to_dtype("dtype", self.dtype))
@@ -100,6 +119,8 @@ class MoEConfig:
         self._check_capacity()
         self._check_groups()
         self._check_reals()
+        self._check_modern_routing()
+        self._check_shared()
 
     def _check_sizes(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "min_capacity", "slots_per_expert"):
@@ -152,6 +173,52 @@ class MoEConfig:
             if not _is_real(value) or value < 0:
                 raise _fail(name, value, "expected a number >= 0")
 
+    def _check_modern_routing(self) -> None:
+        if self.score_func not in SCORE_FUNCS:
+            raise _fail("score_func", self.score_func, f"expected one of {list(SCORE_FUNCS)}")
+        if not _is_real(self.route_scale) or self.route_scale <= 0:
+            raise _fail("route_scale", self.route_scale, "expected a positive number")
+        rate = self.bias_update_rate
+        if rate is not None and (not _is_real(rate) or rate <= 0):
+            raise _fail("bias_update_rate", rate, "expected a positive number or None")
+        if not _is_real(self.seq_aux_loss_coef) or self.seq_aux_loss_coef < 0:
+            raise _fail("seq_aux_loss_coef", self.seq_aux_loss_coef, "expected a number >= 0")
+        for name, off in (("score_func", self.score_func == "softmax"), ("bias_update_rate", rate is None),
+                          ("num_expert_groups", self.num_expert_groups is None),
+                          ("seq_aux_loss_coef", self.seq_aux_loss_coef == 0)):
+            if not off and not self.token_choice:
+                raise _fail(name, getattr(self, name), f"needs a token-choice router "
+                            f"{list(TOKEN_CHOICE_ROUTERS)}, not router={self.router!r}")
+        self._check_expert_groups()
+
+    def _check_expert_groups(self) -> None:
+        G, M, E = self.num_expert_groups, self.num_limited_groups, self.num_experts
+        if (G is None) != (M is None):
+            name = "num_limited_groups" if M is None else "num_expert_groups"
+            raise _fail(name, getattr(self, name), "set num_expert_groups and num_limited_groups together")
+        if G is None or M is None:
+            return
+        if not _is_int(G) or G < 1 or E % G:
+            raise _fail("num_expert_groups", G, f"expected an integer >= 1 dividing num_experts={E}")
+        if not _is_int(M) or not 1 <= M <= G:
+            raise _fail("num_limited_groups", M, f"expected an integer in [1, num_expert_groups={G}]")
+        if self.top_k > M * (E // G):
+            raise _fail("num_limited_groups", M, f"{M} groups of {E // G} experts hold fewer than "
+                        f"top_k={self.top_k} experts")
+
+    def _check_shared(self) -> None:
+        n = self.num_shared_experts
+        if not _is_int(n) or n < 0:
+            raise _fail("num_shared_experts", n, "expected an integer >= 0")
+        if self.shared_d_ff is not None and (not _is_int(self.shared_d_ff) or self.shared_d_ff < 1):
+            raise _fail("shared_d_ff", self.shared_d_ff, "expected an integer >= 1 or None")
+        if not isinstance(self.shared_expert_gate, bool):
+            raise _fail("shared_expert_gate", self.shared_expert_gate, "expected True or False")
+        for name, value in (("shared_d_ff", self.shared_d_ff is not None),
+                            ("shared_expert_gate", self.shared_expert_gate)):
+            if value and n == 0:
+                raise _fail(name, getattr(self, name), "needs num_shared_experts >= 1")
+
     # ---- derived values ----
     @property
     def gated(self) -> bool:
@@ -162,6 +229,11 @@ class MoEConfig:
     def token_choice(self) -> bool:
         """True for the routers where each token picks its experts (topk, noisy_topk)."""
         return self.router in TOKEN_CHOICE_ROUTERS
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared experts (0 without them)."""
+        return self.shared_d_ff or self.d_ff * self.num_shared_experts
 
     def capacity_factor_for(self, training: bool) -> float | None:
         """The capacity factor in force: capacity_factor in training, else eval_capacity_factor."""

@@ -14,18 +14,27 @@ from .comm.distributed import all_gather_cat, check_same_on_all_ranks, fingerpri
 from .comm.exchange import AllToAllDispatcher, guarded, health_group
 from .config import MoEConfig
 from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
-from .ops.experts import GroupedExperts, draw_base_seed
-from .ops.losses import MoEAux, empty_aux, load_balance_loss, make_aux, router_entropy, z_loss
+from .ops.experts import FeedForward, GroupedExperts, draw_base_seed
+from .ops.losses import (
+    MoEAux,
+    empty_aux,
+    load_balance_loss,
+    make_aux,
+    max_violation,
+    router_entropy,
+    seq_balance_loss,
+    z_loss,
+)
 from .ops.plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
 from .ops.precision import autocast_on, compute_dtype
 from .ops.routing import (
     ExpertChoiceRouter,
+    TopKRouter,
     capacity,
     expert_choice_from_logits,
     group_size,
     make_router,
     soft_from_logits,
-    topk_from_logits,
 )
 
 SEED_HINT = (": every rank must build the model after the same torch.manual_seed(seed), so that the "
@@ -74,8 +83,14 @@ class MoE(nn.Module):
         # One draw from the global generator; expert i is initialised from (base_seed, i).
         base_seed = draw_base_seed()
         self.experts = GroupedExperts(cfg, base_seed, num_local=local, first=self.ep_rank * local)
+        # Always-on shared experts (replicated like the router): keys shared_experts.w_in/w_gate/w_out.
+        self.shared_experts = (FeedForward(cfg.d_model, cfg.shared_width, cfg.activation, bias=cfg.bias,
+                                           dtype=cfg.dtype) if cfg.num_shared_experts else None)
+        self.shared_gate = (nn.Linear(cfg.d_model, 1, bias=False, dtype=cfg.dtype)
+                            if cfg.shared_expert_gate else None)
         if ep_group is not None:
-            replicas = {f"router.{n}": fingerprint(p) for n, p in self.router.named_parameters()}
+            replicas = {n: fingerprint(t) for n, t in self.state_dict().items()
+                        if not n.startswith("experts.")}
             check_same_on_all_ranks({"MoEConfig": asdict(cfg),
                                      "MoE replicated state": {**replicas, "expert base seed": base_seed}},
                                     ep_group, hints={"MoE replicated state": SEED_HINT})
@@ -112,26 +127,41 @@ class MoE(nn.Module):
         if self.check_finite:
             self._check_finite(x_TD, logits_GSE, info)
         with record_function("moe/plan"):
-            plan, aux = self._route(logits_GSE)
+            plan, aux = self._route(logits_GSE, B)
         with record_function("moe/dispatch"):
             dispatched = self.dispatcher.dispatch(x_TD.to(compute_dtype(x_TD)), plan, info)
         with record_function("moe/experts"):
             y_nD = self.experts(dispatched.x_nD, dispatched.counts_Re, dispatched.counts_host)
         with record_function("moe/combine"):
             y_TD = self.dispatcher.combine(y_nD, dispatched, B * L).to(x_BLD.dtype)
-        aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm)
+        shared_TD = self._shared(x_TD)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
+        selected = dispatched.selected_E_global
+        selected = dispatched.counts_E_global if selected is None else selected
+        aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm,
+                      max_violation=max_violation(selected))
         return self.dropout(y_TD.reshape(B, L, D)), aux
 
-    def _route(self, logits_GSE: Tensor) -> tuple[RoutingPlan, MoEAux]:
-        """The routing plan and the aux losses from the router logits ([G, S, E·P] for soft)."""
+    def _route(self, logits_GSE: Tensor, batch: int | None = None) -> tuple[RoutingPlan, MoEAux]:
+        """The routing plan and the aux losses from the router logits ([G, S, E·P] for soft).
+
+        ``batch``: B, the sequences of the G·S tokens, for the sequence-wise balance loss (None: one
+        sequence).
+        """
         cfg = self.cfg
         S = logits_GSE.shape[1]
-        balance = logits_GSE.new_zeros(())  # expert choice and soft need no balance loss
-        if cfg.token_choice:
-            routed = topk_from_logits(logits_GSE, cfg.top_k, cfg.normalize_topk)
+        balance = seq = logits_GSE.new_zeros(())  # expert choice and soft need no balance loss
+        if isinstance(self.router, TopKRouter):
+            routed = self.router.route(logits_GSE)
             plan = token_choice_plan(routed.indices, routed.gates, routed.probs,
                                      capacity(cfg, S, self.training), cfg.drop_policy)
             balance = load_balance_loss(routed.indices, routed.probs)
+            if logits_GSE.numel():
+                B = batch or 1
+                seq = seq_balance_loss(routed.indices.reshape(B, -1, cfg.top_k),
+                                       routed.probs.reshape(B, -1, cfg.num_experts))
+            self._count_selections(plan)
         elif isinstance(self.router, ExpertChoiceRouter):
             chosen = expert_choice_from_logits(logits_GSE, self.router.capacity(S))
             plan = expert_choice_plan(chosen.token_indices, chosen.weights, S)
@@ -141,9 +171,26 @@ class MoE(nn.Module):
         if logits_GSE.numel() == 0:  # an empty rank under expert parallelism
             return plan, empty_aux(cfg.num_experts, logits_GSE.device)
         aux = make_aux(balance=balance, zloss=z_loss(logits_GSE), entropy=router_entropy(logits_GSE),
-                       dropped=plan.dropped_fraction, counts_E=plan.counts_E,
-                       balance_coef=cfg.load_balance_coef, z_coef=cfg.z_loss_coef)
+                       dropped=plan.dropped_fraction, counts_E=plan.counts_E, seq=seq,
+                       balance_coef=cfg.load_balance_coef, z_coef=cfg.z_loss_coef,
+                       seq_coef=cfg.seq_aux_loss_coef)
         return plan, aux
+
+    def _count_selections(self, plan: RoutingPlan) -> None:
+        """Aux-loss-free balancing: training forwards (training mode, grad enabled) add their
+        selected assignments to the router's load, which ep.update_expert_bias consumes."""
+        load = getattr(self.router, "expert_load", None)
+        if load is not None and self.training and torch.is_grad_enabled():
+            load += plan.selected_E
+
+    def _shared(self, x_TD: Tensor) -> Tensor | None:
+        """The always-on shared experts' output (times the sigmoid gate, with one); None without."""
+        if self.shared_experts is None:
+            return None
+        y_TD = self.shared_experts(x_TD)
+        if self.shared_gate is not None:
+            y_TD = y_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return y_TD
 
     def _check_finite(self, x_TD: Tensor, logits_GSE: Tensor, info: CallInfo) -> None:
         """Raises FloatingPointError on NaN/Inf; decided together by the EP group, so no rank hangs."""

@@ -10,7 +10,8 @@ import expert_parallel as ep
 
 BASE = dict(d_model=8, d_ff=12, num_experts=4, top_k=2, min_capacity=1)
 
-AUX_SCALARS = ("load_balance_loss", "z_loss", "router_entropy", "loss", "dropped_fraction")
+AUX_SCALARS = ("load_balance_loss", "z_loss", "router_entropy", "loss", "dropped_fraction",
+               "seq_balance_loss", "max_violation")
 
 
 def build(overrides: dict, seed: int = 0) -> ep.MoE:

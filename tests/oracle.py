@@ -45,6 +45,45 @@ def oracle_capacity(cfg, S: int, training: bool):
     return max(cfg.min_capacity, math.ceil(round(factor * S * cfg.top_k / cfg.num_experts, 9)))
 
 
+def shared_forward(moe, x_D: torch.Tensor) -> torch.Tensor:
+    """The shared experts (always on) of API.md on one token, or 0 without them."""
+    cfg = moe.cfg
+    if not cfg.num_shared_experts:
+        return torch.zeros_like(x_D)
+    sh = moe.shared_experts
+    h = x_D @ sh.w_in + (sh.b_in if cfg.bias else 0)
+    if cfg.activation in ("swiglu", "geglu"):
+        g = x_D @ sh.w_gate + (sh.b_gate if cfg.bias else 0)
+        g = F.silu(g) if cfg.activation == "swiglu" else 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+        h = g * h
+    elif cfg.activation == "relu":
+        h = torch.clamp(h, min=0)
+    else:
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    y = h @ sh.w_out + (sh.b_out if cfg.bias else 0)
+    if cfg.shared_expert_gate:
+        y = y * torch.sigmoid(x_D @ moe.shared_gate.weight[0])
+    return y
+
+
+def oracle_choices(cfg, scores_E: torch.Tensor, bias_E):
+    """One token's K experts, best first, as API.md says: selection by score + bias, restricted to the
+    best num_limited_groups groups (group score: the sum of its top-2 biased scores, top-1 for a
+    group of one expert); ties go to the lower group / expert id."""
+    E, K = cfg.num_experts, cfg.top_k
+    sel = [scores_E[e].item() + (bias_E[e].item() if bias_E is not None else 0.0) for e in range(E)]
+    allowed = list(range(E))
+    if cfg.num_expert_groups is not None:
+        per = E // cfg.num_expert_groups
+        group_scores = []
+        for g in range(cfg.num_expert_groups):
+            inside = sorted((sel[e] for e in range(g * per, (g + 1) * per)), reverse=True)
+            group_scores.append(sum(inside[:min(2, per)]))
+        kept = sorted(range(cfg.num_expert_groups), key=lambda g: -group_scores[g])[:cfg.num_limited_groups]
+        allowed = [e for e in range(E) if e // per in kept]
+    return sorted(allowed, key=lambda e: -sel[e])[:K]
+
+
 def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, jitter_GSD=None):
     """Returns (y_BLD, aux dict) of top-k / noisy top-k routing computed with loops.
 
@@ -59,8 +98,10 @@ def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, ji
     C = oracle_capacity(cfg, S, training)
     x_TD = x_BLD.reshape(B * L, D)
     W = moe.router.weight.to(cfg.router_dtype)
+    bias_E = getattr(moe.router, "expert_bias", None)
     outputs = []
     balance, zs, ents, counts, dropped = [], [], [], [0] * E, 0
+    all_choices, all_norm = [], []  # per token: its K experts, its normalised scores
     for g in range(G):
         xs = x_TD[g * S:(g + 1) * S]
         xr = xs.to(cfg.router_dtype)
@@ -70,20 +111,27 @@ def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, ji
         if noise_GSE is not None:
             std = F.softplus(xr @ moe.router.noise.weight.to(cfg.router_dtype).T)
             logits = logits + noise_GSE[g] * std
-        probs = torch.softmax(logits, -1)
+        if cfg.score_func == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdim=True)
+        else:
+            scores = probs = torch.softmax(logits, -1)
         choices = []  # choices[s] = list of (expert, gate)
         for s in range(S):
-            order = sorted(range(E), key=lambda e, s=s: -probs[s, e].item())[:K]
-            gates = [probs[s, e] for e in order]
+            order = oracle_choices(cfg, scores[s], bias_E)
+            gates = [scores[s, e] for e in order]
             if cfg.normalize_topk:
                 total = sum(gates)
                 gates = [gt / total for gt in gates]
+            gates = [gt * cfg.route_scale for gt in gates]
             choices.append(list(zip(order, gates, strict=True)))
+            all_choices.append(order)
+            all_norm.append(probs[s])
         priority = [(s, k) for k in range(K) for s in range(S)]
         if cfg.drop_policy == "probs":
             priority = sorted(priority, key=lambda sk: -probs[sk[0], choices[sk[0]][sk[1]][0]].item())
         fill = [0] * E
-        y_rows = [torch.zeros(D, dtype=x_BLD.dtype) for _ in range(S)]
+        y_rows = [shared_forward(moe, xs[s]).to(x_BLD.dtype) for s in range(S)]
         for s, k in priority:
             e, gate = choices[s][k]
             if C is None or fill[e] < C:
@@ -99,16 +147,36 @@ def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, ji
         P = probs.mean(0)
         balance.append(E * sum(f[e] * P[e] for e in range(E)))
         zs.extend(torch.logsumexp(logits[s], 0) ** 2 for s in range(S))
-        ents.extend(-(probs[s] * torch.log(probs[s])).sum() for s in range(S))
+        ents.extend(-(torch.softmax(logits[s], 0) * torch.log_softmax(logits[s], 0)).sum() for s in range(S))
+    seq, selected = _sequence_balance(cfg, all_choices, all_norm, B, L)
     aux = {
         "load_balance_loss": sum(balance) / G,
         "z_loss": sum(zs) / len(zs),
         "router_entropy": sum(ents) / len(ents),
         "dropped_fraction": dropped / (G * S * K),
         "expert_counts": torch.tensor(counts),
+        "seq_balance_loss": seq,
+        "max_violation": max(selected) / (sum(selected) / E) - 1 if sum(selected) else 0.0,
     }
-    aux["loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.z_loss_coef * aux["z_loss"]
+    aux["loss"] = (cfg.load_balance_coef * aux["load_balance_loss"] + cfg.z_loss_coef * aux["z_loss"]
+                   + cfg.seq_aux_loss_coef * seq)
     return torch.stack(outputs).reshape(B, L, D), aux
+
+
+def _sequence_balance(cfg, all_choices, all_norm, B: int, L: int):
+    """DeepSeek-V3's sequence-wise balance loss (mean over sequences of Σ_i f_i P_i, f_i = E/(K·L) ·
+    tokens that selected i, P_i = mean normalised score) and the selected assignments per expert."""
+    E, K = cfg.num_experts, cfg.top_k
+    losses, selected = [], [0] * E
+    for b in range(B):
+        tokens = range(b * L, (b + 1) * L)
+        f = [E / (K * L) * sum(1 for t in tokens if i in all_choices[t]) for i in range(E)]
+        P = [sum(all_norm[t][i] for t in tokens) / L for i in range(E)]
+        losses.append(sum(f[i] * P[i] for i in range(E)))
+        for t in tokens:
+            for i in all_choices[t]:
+                selected[i] += 1
+    return sum(losses) / B, selected
 
 
 def _group_logits(moe, xs, jitter_SD=None):
@@ -124,7 +192,7 @@ def _common_aux(cfg, all_logits, balance, dropped, counts):
             for logits in all_logits for row in logits]
     aux = {"load_balance_loss": balance, "z_loss": sum(zs) / len(zs),
            "router_entropy": sum(ents) / len(ents), "dropped_fraction": dropped,
-           "expert_counts": torch.tensor(counts)}
+           "expert_counts": torch.tensor(counts), "seq_balance_loss": 0.0, "max_violation": 0.0}
     aux["loss"] = cfg.load_balance_coef * balance + cfg.z_loss_coef * aux["z_loss"]
     return aux
 
@@ -149,7 +217,7 @@ def oracle_expert_choice_moe(moe, x_BLD: torch.Tensor, training: bool):
         logits = _group_logits(moe, xs)
         all_logits.append(logits)
         probs = torch.softmax(logits, -1)
-        y_rows = [torch.zeros(D, dtype=x_BLD.dtype) for _ in range(S)]
+        y_rows = [shared_forward(moe, xs[s]).to(x_BLD.dtype) for s in range(S)]
         taken = [False] * S
         for e in range(E):
             chosen = sorted(range(S), key=lambda s, e=e: -probs[s, e].item())[:C]
@@ -182,7 +250,8 @@ def oracle_soft_moe(moe, x_BLD: torch.Tensor):
             slot_out.append(expert_forward(moe, j // P, slot))
         for s in range(S):
             c = torch.softmax(logits[s], 0)  # over all slots
-            outputs.append(sum(c[j].to(x_BLD.dtype) * slot_out[j] for j in range(E * P)))
+            outputs.append(sum(c[j].to(x_BLD.dtype) * slot_out[j] for j in range(E * P))
+                           + shared_forward(moe, xs[s]).to(x_BLD.dtype))
     aux = _common_aux(cfg, all_logits, 0.0, 0.0, [G * P] * E)
     return torch.stack(outputs).reshape(B, L, D), aux
 

@@ -186,15 +186,16 @@ class AllToAllDispatcher:
     def _exchange(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
         """Counts all-gather, then exactly the kept rows to their experts' ranks (variable splits)."""
         R, e, D = self.R, self.e, rows_ND.shape[-1]
-        # 1. Count exchange: every rank learns every rank's per-expert counts.
-        gathered = [torch.empty_like(plan.counts_E) for _ in range(R)]
-        # NOTE: collective: all-gather of the [E] counts over the expert-parallel group.
+        # 1. Count exchange: every rank learns every rank's per-expert kept (and selected) counts.
+        mine_2E = torch.cat([plan.counts_E, plan.selected_E])
+        gathered = [torch.empty_like(mine_2E) for _ in range(R)]
+        # NOTE: collective: all-gather of the [2E] counts over the expert-parallel group.
         guarded(info, "count exchange", f"{plan.num_kept} rows to send", self.group,
-                lambda: dist.all_gather(gathered, plan.counts_E.contiguous(), group=self.group), self.health)
-        counts_RE = torch.stack(gathered)
+                lambda: dist.all_gather(gathered, mine_2E, group=self.group), self.health)
+        counts_RE, selected_RE = torch.stack(gathered).split(plan.num_experts, dim=1)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        table = counts_RE.tolist()
+        table = counts_RE.tolist()  # [R][E] kept rows
         mine = slice(self.rank * e, (self.rank + 1) * e)
         send_rows = [sum(table[self.rank][q * e:(q + 1) * e]) for q in range(R)]
         recv_rows = [sum(row[mine]) for row in table]
@@ -203,7 +204,8 @@ class AllToAllDispatcher:
         # 3. The experts take the rows as received: one segment per source rank, expert-major inside.
         mode = "dropless" if plan.capacity is None else "capacity"
         report = CommReport(mode, tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
-                            control_bytes=R * plan.counts_E.numel() * 8)
+                            control_bytes=R * mine_2E.numel() * 8)
         ex = ExchangeState(send_rows, recv_rows, info)
         return Dispatched(recv, recv_Re, plan, counts_E_global=counts_RE.sum(0), comm=report,
-                          exchange=ex, counts_host=[c for row in table for c in row[mine]])
+                          exchange=ex, counts_host=[c for row in table for c in row[mine]],
+                          selected_E_global=selected_RE.sum(0))

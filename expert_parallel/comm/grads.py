@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from ..ops.experts import GroupedExperts
+from ..ops.routing import TopKRouter
 from .distributed import DistContext
 
 
@@ -122,3 +123,26 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: DistContext,
         if p.grad is not None:
             p.grad.mul_(factor.to(p.grad.dtype))
     return total
+
+
+def update_expert_bias(model: nn.Module, ctx: DistContext | None = None) -> None:
+    """Aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3): once per optimizer step, after
+    :func:`sync_gradients`, every router with an ``expert_bias`` moves it towards balance.
+
+    The selected assignments that the training forwards since the last call counted are summed over
+    every rank of the job (all layers in one all-reduce), then ``b_i += rate · sign(mean(c) - c_i)``
+    with the router's ``bias_update_rate`` (``MoEConfig.bias_update_rate``), and the counts restart
+    from zero. Every rank ends with the same bias. Every rank must call it (``ctx`` None: one
+    process).
+    """
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.expert_load is not None]
+    if not routers:
+        return
+    loads = torch.stack([r.expert_load for r in routers if r.expert_load is not None])
+    if ctx is not None and ctx.world_size > 1:
+        dist.all_reduce(loads)  # NOTE: collective over the whole job: every rank's tokens
+    for router, load in zip(routers, loads.double(), strict=True):
+        assert router.expert_bias is not None and router.expert_load is not None
+        step = torch.sign(load.mean() - load) * float(router.bias_update_rate or 0.0)
+        router.expert_bias += step.to(router.expert_bias.dtype)
+        router.expert_load.zero_()

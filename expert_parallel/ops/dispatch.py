@@ -100,6 +100,8 @@ class Dispatched:
         exchange: the split sizes of the exchange (None when nothing was exchanged).
         counts_host: counts_Re flattened on the host, where the dispatcher already copied them
             (the experts' segment loop then needs no device-to-host copy of its own).
+        selected_E_global: int64 [E], assignments per expert before drops, summed over the
+            expert-parallel group (for MaxVio); None means counts_E_global.
     """
 
     x_nD: Tensor
@@ -109,6 +111,7 @@ class Dispatched:
     comm: CommReport
     exchange: ExchangeState | None = None
     counts_host: list[int] | None = None
+    selected_E_global: Tensor | None = None
 
 
 class Dispatcher(Protocol):
@@ -221,7 +224,8 @@ class LocalDispatcher:
         rows_ND = gather_rows(x_TD, plan)
         report = CommReport("local", (rows_ND.shape[0],), (rows_ND.shape[0],), rows_ND.shape[-1],
                             rows_ND.element_size())
-        return Dispatched(rows_ND, plan.counts_E[None], plan, counts_E_global=plan.counts_E, comm=report)
+        return Dispatched(rows_ND, plan.counts_E[None], plan, counts_E_global=plan.counts_E, comm=report,
+                          selected_E_global=plan.selected_E)
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Weighted sum of the expert outputs into their tokens."""

@@ -22,6 +22,10 @@ class MoEAux:
         dropped_fraction: dropped assignments / all assignments.
         expert_counts: int64 [E], kept assignments per expert (summed over the expert-parallel
             group under expert parallelism).
+        seq_balance_loss: DeepSeek-V3's sequence-wise balance loss, mean over sequences of
+            Σ_i f_i P_i (1.0 when balanced; 0 for expert choice and soft).
+        max_violation: max_i c_i / mean(c) - 1 over the selected assignments per expert c (before
+            drops; summed over the expert-parallel group), 0 when balanced (MaxVio).
         comm: the traffic report of the call (:class:`CommReport`), None when not available.
     """
 
@@ -31,6 +35,8 @@ class MoEAux:
     router_entropy: Tensor
     dropped_fraction: Tensor
     expert_counts: Tensor
+    seq_balance_loss: Tensor
+    max_violation: Tensor
     comm: CommReport | None = None
 
 
@@ -49,6 +55,26 @@ def load_balance_loss(idx_GSK: Tensor, probs_GSE: Tensor) -> Tensor:
     return (E * (f_GE * p_GE).sum(dim=-1)).mean()
 
 
+def seq_balance_loss(idx_BLK: Tensor, probs_BLE: Tensor) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, averaged over the B sequences of L tokens.
+
+    Per sequence: Σ_i f_i P_i with f_i = E / (K·L) · (tokens that selected i) and P_i the mean over
+    the sequence of the normalised scores of i.
+    """
+    B, L, K = idx_BLK.shape
+    E = probs_BLE.shape[-1]
+    chosen_BE = torch.zeros(B, E, dtype=probs_BLE.dtype, device=probs_BLE.device)
+    chosen_BE.scatter_add_(1, idx_BLK.reshape(B, L * K), probs_BLE.new_ones(B, L * K))
+    f_BE = chosen_BE * (E / (K * L))
+    return (f_BE * probs_BLE.mean(dim=1)).sum(dim=-1).mean()
+
+
+def max_violation(selected_E: Tensor) -> Tensor:
+    """MaxVio: max_i c_i / mean(c) - 1 (0 for no assignments)."""
+    c = selected_E.float()
+    return torch.where(c.sum() > 0, c.max() / c.mean().clamp_min(1e-12) - 1, torch.zeros_like(c[0]))
+
+
 def z_loss(logits_GSE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(logits_GSE, dim=-1).square().mean()
@@ -60,12 +86,15 @@ def router_entropy(logits_GSE: Tensor) -> Tensor:
     return -(logp_GSE.exp() * logp_GSE).sum(dim=-1).mean()
 
 
-def make_aux(*, balance: Tensor, zloss: Tensor, entropy: Tensor, dropped: Tensor,
-             counts_E: Tensor, balance_coef: float, z_coef: float) -> MoEAux:
-    """Assembles MoEAux; the weighted total is the only differentiable output the model needs."""
-    return MoEAux(loss=balance_coef * balance + z_coef * zloss, load_balance_loss=balance,
+def make_aux(*, balance: Tensor, zloss: Tensor, entropy: Tensor, dropped: Tensor, counts_E: Tensor,
+             seq: Tensor, balance_coef: float, z_coef: float, seq_coef: float) -> MoEAux:
+    """Assembles MoEAux; the weighted total is the only differentiable output the model needs.
+
+    max_violation starts at 0: the layer fills it in from the group-wide counts.
+    """
+    return MoEAux(loss=balance_coef * balance + z_coef * zloss + seq_coef * seq, load_balance_loss=balance,
                   z_loss=zloss, router_entropy=entropy, dropped_fraction=dropped,
-                  expert_counts=counts_E)
+                  expert_counts=counts_E, seq_balance_loss=seq, max_violation=torch.zeros_like(zloss))
 
 
 def empty_aux(num_experts: int, device: torch.device) -> MoEAux:
@@ -73,4 +102,5 @@ def empty_aux(num_experts: int, device: torch.device) -> MoEAux:
     zero = torch.zeros((), device=device)
     return MoEAux(loss=zero, load_balance_loss=zero, z_loss=zero, router_entropy=zero,
                   dropped_fraction=zero, expert_counts=torch.zeros(num_experts, dtype=torch.int64,
-                                                                   device=device))
+                                                                   device=device),
+                  seq_balance_loss=zero, max_violation=zero)

@@ -43,6 +43,8 @@ class RoutingPlan:
         slot_N: position of the row inside its (expert, group) block, < C.
         gate_N: combine weight of each row (router_dtype, differentiable).
         counts_E: int64 [E], kept rows per expert.
+        selected_E: int64 [E], assignments per expert before drops (token choice: the tokens that
+            selected e; expert choice and soft: counts_E).
         dropped_fraction: float scalar tensor: dropped assignments / assignments (token choice),
             tokens taken by no expert / tokens (expert choice), 0 (soft).
         soft: the slot mixing weights of Soft MoE; None for the index-based routers, whose rows
@@ -59,6 +61,7 @@ class RoutingPlan:
     slot_N: Tensor
     gate_N: Tensor
     counts_E: Tensor
+    selected_E: Tensor
     dropped_fraction: Tensor
     soft: SoftMix | None = None
 
@@ -133,6 +136,7 @@ def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
         num_experts=E, num_groups=G, tokens_per_group=S, capacity=capacity,
         token_N=sorted_M // K, expert_N=expert_N, group_N=sorted_M // (S * K), slot_N=slot_M,
         gate_N=gates_GSK.reshape(-1)[sorted_M], counts_E=torch.bincount(expert_N, minlength=E),
+        selected_E=torch.bincount(idx_GSK.reshape(-1), minlength=E),
         dropped_fraction=torch.tensor(1.0 - sorted_M.shape[0] / max(G * S * K, 1), device=device))
 
 
@@ -161,6 +165,7 @@ def expert_choice_plan(tokens_GEC: Tensor, weights_GEC: Tensor, tokens_per_group
         expert_N=expert_N, group_N=group_N, slot_N=slot_N,
         gate_N=weights_GEC.permute(1, 0, 2).reshape(-1),
         counts_E=torch.full((E,), G * C, dtype=torch.int64, device=tokens_GEC.device),
+        selected_E=torch.full((E,), G * C, dtype=torch.int64, device=tokens_GEC.device),
         dropped_fraction=1.0 - taken_T.float().mean())
 
 
@@ -174,4 +179,5 @@ def soft_plan(dispatch_GSJ: Tensor, combine_GSJ: Tensor, num_experts: int) -> Ro
         num_experts=num_experts, num_groups=G, tokens_per_group=S, capacity=P, token_N=empty,
         expert_N=expert_N, group_N=group_N, slot_N=slot_N, gate_N=dispatch_GSJ.new_empty(0),
         counts_E=torch.full((num_experts,), G * P, dtype=torch.int64, device=dispatch_GSJ.device),
+        selected_E=torch.full((num_experts,), G * P, dtype=torch.int64, device=dispatch_GSJ.device),
         dropped_fraction=torch.zeros((), device=dispatch_GSJ.device), soft=SoftMix(dispatch_GSJ, combine_GSJ))

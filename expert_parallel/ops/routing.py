@@ -6,7 +6,7 @@ All routing math runs in ``router_dtype`` (float32 by default) whatever the acti
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +27,51 @@ class TopKOutput(NamedTuple):
     """[..., E] the full router probabilities."""
 
 
-def topk_from_logits(logits_XE: Tensor, top_k: int, normalize: bool) -> TopKOutput:
-    """Softmax over experts, then each token's K largest probabilities (renormalised if asked)."""
-    probs_XE = torch.softmax(logits_XE, dim=-1)
-    # A stable sort rather than topk: equal probabilities go to the lower expert id, always.
-    gates_XE, idx_XE = torch.sort(probs_XE, dim=-1, descending=True, stable=True)
-    gates_XK, idx_XK = gates_XE[..., :top_k], idx_XE[..., :top_k]
+def topk_from_logits(logits_XE: Tensor, top_k: int, normalize: bool, *, score_func: str = "softmax",
+                     bias_E: Tensor | None = None, groups: tuple[int, int] | None = None,
+                     route_scale: float = 1.0) -> TopKOutput:
+    """Each token's K experts and gates from the router logits (docs/routing.md).
+
+    1. Scores: softmax over experts, or a sigmoid per expert (``score_func``).
+    2. Selection scores: the scores plus ``bias_E`` (aux-loss-free balancing; selection only),
+       restricted to each token's best ``M`` of ``G`` expert groups when ``groups = (G, M)``.
+    3. The K largest selection scores (a stable sort: ties go to the lower expert id, always).
+    4. Gates: the unbiased scores of those experts, divided by their sum if ``normalize``, times
+       ``route_scale``.
+
+    ``probs`` are the scores normalised to sum to 1 (the softmax itself, or s / Σ s for sigmoid):
+    what the balance losses and the "probs" drop policy read.
+    """
+    if score_func == "sigmoid":
+        scores_XE = torch.sigmoid(logits_XE)
+        probs_XE = scores_XE / scores_XE.sum(dim=-1, keepdim=True)
+    else:
+        scores_XE = probs_XE = torch.softmax(logits_XE, dim=-1)
+    select_XE = scores_XE if bias_E is None else scores_XE.detach() + bias_E.to(scores_XE.dtype)
+    if groups is not None:
+        select_XE = limit_to_groups(select_XE, *groups)
+    idx_XK = torch.sort(select_XE, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    gates_XK = scores_XE.gather(-1, idx_XK)
     if normalize:
         gates_XK = gates_XK / gates_XK.sum(dim=-1, keepdim=True)
+    if route_scale != 1.0:
+        gates_XK = gates_XK * route_scale
     return TopKOutput(gates_XK, idx_XK, probs_XE)
+
+
+def limit_to_groups(select_XE: Tensor, num_groups: int, num_limited: int) -> Tensor:
+    """Selection scores with every expert outside the token's best ``num_limited`` groups at -inf.
+
+    The E experts form ``num_groups`` contiguous groups; a group's score is the sum of its two
+    largest selection scores (its largest, for a group of one expert); ties go to the lower group.
+    """
+    E = select_XE.shape[-1]
+    per = E // num_groups
+    grouped = select_XE.reshape(*select_XE.shape[:-1], num_groups, per)
+    group_score = torch.sort(grouped, dim=-1, descending=True).values[..., :min(2, per)].sum(dim=-1)
+    best = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[..., :num_limited]
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, best, True)
+    return select_XE.masked_fill(~keep.repeat_interleave(per, dim=-1), float("-inf"))
 
 
 class Router(nn.Module):
@@ -68,31 +104,68 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Softmax top-k router (Switch routing for K=1). ``weight`` is [E, D].
+    """Top-k router: softmax (Switch routing for K=1) or sigmoid scores. ``weight`` is [E, D].
 
     Called on x [..., D] it returns :class:`TopKOutput` (gates [..., K], indices [..., K],
     probs [..., E]). In training the router input is multiplied by U(1 - jitter, 1 + jitter).
+    With ``bias_update_rate`` set it holds ``expert_bias`` [E] (fp32, persistent, added to the scores
+    for the selection only; ``ep.update_expert_bias`` moves it by that rate) and ``expert_load`` [E]
+    (selected assignments of training forwards since the last update; not in the state dict).
+    ``expert_groups = (G, M)`` limits each token to its best M of G contiguous expert groups.
     """
+
+    expert_bias: Tensor | None
+    expert_load: Tensor | None
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *,
                  normalize_topk: bool = True, jitter: float = 0.0,
                  router_dtype: torch.dtype | str = torch.float32,
-                 dtype: torch.dtype | str = torch.float32) -> None:
+                 dtype: torch.dtype | str = torch.float32, score_func: str = "softmax",
+                 route_scale: float = 1.0, bias_update_rate: float | None = None,
+                 expert_groups: tuple[int, int] | None = None) -> None:
         # Validation of the shared fields lives in one place: MoEConfig.
+        G, M = expert_groups if expert_groups is not None else (None, None)
         MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=top_k,
-                  normalize_topk=normalize_topk, router_jitter=jitter)
+                  normalize_topk=normalize_topk, router_jitter=jitter, score_func=score_func,
+                  route_scale=route_scale, bias_update_rate=bias_update_rate, num_expert_groups=G,
+                  num_limited_groups=M)
         super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype)
         self.num_experts, self.top_k, self.normalize_topk = num_experts, top_k, normalize_topk
+        self.score_func, self.route_scale, self.expert_groups = score_func, route_scale, expert_groups
+        self.bias_update_rate = bias_update_rate
+        balanced = bias_update_rate is not None
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if balanced else None)
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64) if balanced
+                             else None, persistent=False)
 
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> TopKRouter:
         """The router of an MoE layer built from ``cfg``."""
+        groups = None
+        if cfg.num_expert_groups is not None and cfg.num_limited_groups is not None:
+            groups = (cfg.num_expert_groups, cfg.num_limited_groups)
         return cls(cfg.d_model, cfg.num_experts, cfg.top_k, normalize_topk=cfg.normalize_topk,
-                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype)
+                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype,
+                   score_func=cfg.score_func, route_scale=cfg.route_scale,
+                   bias_update_rate=cfg.bias_update_rate, expert_groups=groups)
+
+    def route(self, logits_XE: Tensor) -> TopKOutput:
+        """Experts and gates from logits [..., E] (:func:`topk_from_logits` with this router's options)."""
+        return topk_from_logits(logits_XE, self.top_k, self.normalize_topk, score_func=self.score_func,
+                                bias_E=self.expert_bias, groups=self.expert_groups,
+                                route_scale=self.route_scale)
 
     def forward(self, x_XD: Tensor) -> TopKOutput:
         """Routes x [..., D]: gates [..., K], indices [..., K], probs [..., E]."""
-        return topk_from_logits(self.logits(x_XD), self.top_k, self.normalize_topk)
+        return self.route(self.logits(x_XD))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TopKRouter:
+        # expert_bias stays fp32 whatever the model's dtype: .to(bfloat16) moves it, never casts it.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.expert_bias = bias.to(fn(bias[:0]).device)
+        return self
 
 
 class NoisyTopKRouter(TopKRouter):

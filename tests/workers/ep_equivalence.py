@@ -22,6 +22,11 @@ import expert_parallel as ep
 D, F, E, L = 8, 12, 8, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
 
+# sigmoid scores, aux-loss-free bias, 2 of 4 expert groups, routed scale, a gated shared expert,
+# the sequence-wise balance loss
+DEEPSEEK = dict(score_func="sigmoid", bias_update_rate=0.01, num_expert_groups=4, num_limited_groups=2,
+                route_scale=2.5, num_shared_experts=1, shared_expert_gate=True, seq_aux_loss_coef=0.1)
+
 CASES = {
     # name: (config overrides, training, batch sizes per rank (None = 2 each), block the last EP rank)
     "topk_k1_capacity": (dict(top_k=1, capacity_factor=1.0), True, None, False),
@@ -41,6 +46,13 @@ CASES = {
     "expert_choice_uneven_batches": (dict(router="expert_choice", capacity_factor=1.0), True, "uneven",
                                      False),
     "capacity_last_rank_idle": (dict(capacity_factor=1.0), True, None, True),
+    "deepseek_v3_capacity": (dict(DEEPSEEK, capacity_factor=1.0), True, None, False),
+    "deepseek_v3_dropless_uneven": (dict(DEEPSEEK, capacity_factor=None, activation="swiglu"), True,
+                                    "uneven", False),
+    "qwen2_shared_gate": (dict(num_shared_experts=1, shared_expert_gate=True, normalize_topk=False,
+                               capacity_factor=None), True, None, False),
+    "sigmoid_bias_eval": (dict(score_func="sigmoid", bias_update_rate=0.01, capacity_factor=0.75), False,
+                          None, False),
     "dropless_last_rank_idle": (dict(capacity_factor=None, top_k=1), True, "uneven", True),
 }
 
@@ -99,6 +111,8 @@ def reference(cfg: ep.MoEConfig, training: bool, block: bool, ctx: ep.DistContex
         for name, p in ref.named_parameters():
             if ".b_" in name:
                 p.copy_(torch.randn(p.shape, generator=g).to(p.device))
+        if getattr(ref.router, "expert_bias", None) is not None:
+            ref.router.expert_bias.copy_(torch.randn(E, generator=g) * 0.1)
         if block:
             e = E // ctx.ep_size
             ref.router.weight[:, 0] = 0.0
@@ -136,13 +150,20 @@ def run_case(ctx: ep.DistContext, name: str) -> None:
     close(y, y_ref, f"{name}: output")
     assert x.grad is not None and ref_x[r].grad is not None
     close(x.grad, ref_x[r].grad * W, f"{name}: input grad")
-    for field in ("loss", "load_balance_loss", "z_loss", "router_entropy", "dropped_fraction"):
+    for field in ("loss", "load_balance_loss", "z_loss", "router_entropy", "dropped_fraction",
+                  "seq_balance_loss"):
         close(getattr(aux, field).float(), getattr(aux_ref, field).float(), f"{name}: aux.{field}")
     group_ranks = range(ctx.dp_rank * ctx.ep_size, (ctx.dp_rank + 1) * ctx.ep_size)
+    # MaxVio counts the selections of the whole EP group (like expert_counts); a token's selection
+    # does not depend on its routing group, so the reference sees the group's tokens at once.
+    with torch.no_grad():
+        _, aux_group = ref(torch.cat([xs[q] for q in group_ranks]))
+    close(aux.max_violation, aux_group.max_violation, f"{name}: aux.max_violation")
     counts = sum(ref_out[q][1].expert_counts for q in group_ranks)
     assert torch.equal(aux.expert_counts, counts), f"{name}: expert_counts {aux.expert_counts} {counts}"
     check_param_grads(moe, ref, name)
     check_grad_norm(moe, ref, ctx, name)
+    check_expert_bias(moe, ref, ctx, name)
     check_comm(aux, cfg, sizes[r], training, name, block and ctx.ep_rank == ctx.ep_size - 1)
 
 
@@ -158,6 +179,19 @@ def check_param_grads(moe: ep.MoE, ref: ep.MoE, name: str) -> None:
         if pname.startswith("experts."):
             g_ref = g_ref[first:first + count]
         close(p.grad, g_ref, f"{name}: grad of {pname}")
+
+
+def check_expert_bias(moe: ep.MoE, ref: ep.MoE, ctx: ep.DistContext, name: str) -> None:
+    """After update_expert_bias, every rank's bias equals the single-device update on all ranks'
+    tokens (the reference saw every rank's slice)."""
+    if getattr(moe.router, "expert_bias", None) is None:
+        return
+    before = ref.router.expert_bias.clone()
+    ep.update_expert_bias(moe, ctx)
+    ep.update_expert_bias(ref)
+    assert torch.equal(moe.router.expert_bias, ref.router.expert_bias), f"{name}: expert_bias"
+    # training forwards counted their selections, so the update moved the bias; eval ones did not
+    assert torch.equal(ref.router.expert_bias, before) != moe.training, f"{name}: bias update"
 
 
 def check_grad_norm(moe: ep.MoE, ref: ep.MoE, ctx: ep.DistContext, name: str) -> None:
