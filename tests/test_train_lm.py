@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import expert_parallel as ep
 from tests.procs import ROOT, run, torchrun
 
 ARGS = ["--steps", "16", "--eval-every", "8", "--eval-batches", "2", "--batch-size", "8",
@@ -53,3 +54,41 @@ def test_same_seed_same_results_run_to_run(tmp_path: Path) -> None:
     a = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "a")]
     b = [{k: v for k, v in r.items() if k not in drop} for r in records(tmp_path / "b")]
     assert a == b
+
+
+def test_modern_routing_options_train_at_equal_active_parameters(tmp_path: Path) -> None:
+    """The routing suite's recipes (tests the flags end to end in one process): the DeepSeek-V3 recipe
+    (sigmoid, bias, a shared expert, top-3 of 2 of 4 groups, sequence loss) has the active parameters
+    of softmax top-4; a step moves the expert bias and logs MaxVio per layer."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from expert_parallel.apps import compare, train
+
+    def args_for(variant: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        train.add_arguments(parser)
+        overrides = compare.ROUTING_VARIANTS[variant]
+        args = parser.parse_args(["--batch-size", "2", "--seq-len", "16", "--d-model", "32",
+                                  "--n-layers", "2", "--steps", "2", "--eval-every", "100",
+                                  "--out", str(tmp_path / variant)])
+        return argparse.Namespace(**{**vars(args), **overrides})
+
+    active = {}
+    for variant in ("softmax_aux", "deepseek_v3"):
+        run = train.setup(args_for(variant))
+        try:
+            active[variant] = run.model.active_parameters_per_token()
+            records = [train.train_step(run, step) for step in (1, 2)]
+            moes = [m for m in run.model.modules() if isinstance(m, ep.MoE)]
+            assert len(records[-1]["max_violation"]) == len(moes) == 2
+            if variant == "deepseek_v3":
+                cfg = moes[0].cfg
+                recipe = (cfg.score_func, cfg.top_k, cfg.num_shared_experts, cfg.num_limited_groups)
+                assert recipe == ("sigmoid", 3, 1, 2)
+                assert all(m.router.expert_bias.abs().sum() > 0 for m in moes)  # the bias trained
+                assert cfg.load_balance_coef == 0 and cfg.seq_aux_loss_coef == 1e-4
+        finally:
+            dist.destroy_process_group()
+    assert active["softmax_aux"] == active["deepseek_v3"], active

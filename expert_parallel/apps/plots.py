@@ -12,10 +12,12 @@ import matplotlib.pyplot as plt
 
 
 def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[float]]) -> list[Path]:
-    """loss.png, and for MoE runs expert_load.png, dropped.png and traffic.png; returns the paths."""
+    """loss.png, and for MoE runs expert_load.png, dropped.png, max_violation.png and traffic.png;
+    returns the paths."""
     paths = [_loss(out, records)]
     if records and "expert_counts" in records[0]:
-        paths += [_expert_load(out, records), _dropped(out, records), _traffic(out, traffic)]
+        paths += [_expert_load(out, records), _dropped(out, records), _max_violation(out, records),
+                  _traffic(out, traffic)]
     return paths
 
 
@@ -60,6 +62,18 @@ def _dropped(out: Path, records: list[dict[str, Any]]) -> Path:
     ax.set(xlabel="step", ylabel="dropped fraction", title="Dropped assignments (mean over MoE layers)")
     ax.grid(alpha=0.3)
     return _save(fig, out / "dropped.png")
+
+
+def _max_violation(out: Path, records: list[dict[str, Any]]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    steps = [r["step"] for r in records]
+    for layer in range(len(records[0]["max_violation"])):
+        ax.plot(steps, [r["max_violation"][layer] for r in records], lw=1, label=f"MoE layer {layer}")
+    ax.set(xlabel="step", ylabel="MaxVio", ylim=(0, None),
+           title="Load imbalance: max expert load / mean - 1 (0 = balanced)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "max_violation.png")
 
 
 def _traffic(out: Path, traffic: list[list[float]]) -> Path:

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..comm.distributed import DistContext, init_distributed
-from ..comm.grads import clip_grad_norm_, sync_gradients
+from ..comm.grads import clip_grad_norm_, sync_gradients, update_expert_bias
 from ..config import MoEConfig
 from ..integrations.checkpoint import (
     export_single_device,
@@ -51,6 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--d-ff", type=int, default=512,
         help="active FFN width per token: dense width; experts get d_ff / (experts per token)")
     add("--moe-every", type=int, default=1)
+    add("--score-func", choices=("softmax", "sigmoid"), default="softmax", help="token-choice scores")
+    add("--balance", choices=("aux", "bias", "none"), default="aux",
+        help="load balancing: the aux loss, the aux-loss-free expert bias, or none")
+    add("--bias-rate", type=float, default=1e-3, help="with --balance bias: the bias update rate")
+    add("--route-scale", type=float, default=1.0, help="gates x this (DeepSeek's routed_scaling_factor)")
+    add("--shared-experts", type=int, default=0,
+        help="always-on shared experts (each as wide as a routed expert; active width held)")
+    add("--expert-groups", type=int, default=None, help="group-limited routing: G expert groups")
+    add("--limited-groups", type=int, default=None, help="group-limited routing: M groups per token")
+    add("--seq-aux-coef", type=float, default=0.0, help="weight of the sequence-wise balance loss")
     add("--d-model", type=int, default=128)
     add("--n-layers", type=int, default=4)
     add("--n-heads", type=int, default=4)
@@ -97,14 +107,25 @@ def model_config(args: argparse.Namespace) -> LMConfig:
         per_token = args.top_k if args.router in ("topk", "noisy_topk") else 1
         if args.router == "expert_choice":
             per_token = max(1, round(args.capacity_factor or 1))
+        per_token += args.shared_experts  # shared experts as wide as a routed one, inside the budget
         moe = MoEConfig(d_model=args.d_model, d_ff=max(1, args.d_ff // per_token),
                         num_experts=args.num_experts, top_k=args.top_k, router=args.router,
                         capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
                         # per-position groups of expert choice hold only the local batch's tokens:
                         # no floor above the formula, so experts per token = capacity factor
-                        min_capacity=1)
+                        min_capacity=1, **routing_options(args))
     return LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                     max_seq_len=args.seq_len, d_ff=args.d_ff, moe=moe, moe_every=args.moe_every)
+
+
+def routing_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The MoEConfig fields of --score-func, --balance, --route-scale, --shared-experts,
+    --expert-groups / --limited-groups and --seq-aux-coef."""
+    return dict(score_func=args.score_func, route_scale=args.route_scale,
+                load_balance_coef=0.01 if args.balance == "aux" else 0.0,
+                bias_update_rate=args.bias_rate if args.balance == "bias" else None,
+                num_shared_experts=args.shared_experts, num_expert_groups=args.expert_groups,
+                num_limited_groups=args.limited_groups, seq_aux_loss_coef=args.seq_aux_coef)
 
 
 # ---- metrics ----
@@ -130,15 +151,16 @@ def step_stats(ctx: DistContext, task: Tensor, auxes: list[MoEAux]) -> dict[str,
     scalars = [task.detach()]
     for aux in auxes:
         scalars += [aux.loss.detach(), aux.load_balance_loss.detach(), aux.z_loss.detach(),
-                    aux.dropped_fraction.detach().to(task.dtype)]
+                    aux.dropped_fraction.detach().to(task.dtype), aux.max_violation.detach()]
     packed = torch.stack([s.float() for s in scalars])
     dist.all_reduce(packed)
     packed /= ctx.world_size
     stats: dict[str, Any] = {"loss": packed[0].item()}
     if auxes:
-        per_layer = packed[1:].view(len(auxes), 4)
+        per_layer = packed[1:].view(len(auxes), 5)
         stats.update(aux_loss=per_layer[:, 0].sum().item(), balance=per_layer[:, 1].mean().item(),
-                     z_loss=per_layer[:, 2].mean().item(), dropped=per_layer[:, 3].mean().item())
+                     z_loss=per_layer[:, 2].mean().item(), dropped=per_layer[:, 3].mean().item(),
+                     max_violation=per_layer[:, 4].tolist())
         counts = torch.stack([a.expert_counts for a in auxes])  # global over the EP group
         if ctx.dp_size > 1:
             dist.all_reduce(counts, group=ctx.dp_group)  # ... and summed over the replicas
@@ -174,8 +196,9 @@ def _line(rec: dict[str, Any]) -> str:
     if "val_loss" in rec:
         text += f"  val {rec['val_loss']:.4f}"
     if "aux_loss" in rec:
+        maxvio = sum(rec["max_violation"]) / len(rec["max_violation"])
         text += (f"  aux {rec['aux_loss']:.4f} (balance {rec['balance']:.3f}, z {rec['z_loss']:.2f})"
-                 f"  dropped {rec['dropped']:.3f}  imbalance {rec['imbalance']:.2f}")
+                 f"  dropped {rec['dropped']:.3f}  imbalance {rec['imbalance']:.2f}  maxvio {maxvio:.2f}")
     return text + f"  {rec['tokens_per_s']:,.0f} tok/s"
 
 
@@ -237,6 +260,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     sync_gradients(model, ctx)
     clip_grad_norm_(model, 1.0, ctx)
     run.optimizer.step()
+    update_expert_bias(model, ctx)  # aux-loss-free balancing (a no-op without an expert bias)
     stats = step_stats(ctx, task, auxes)
     elapsed = time.perf_counter() - start
     if "sent_bytes" in stats:
@@ -312,11 +336,15 @@ def resume(run: Run, ckpt_dir: Path) -> int:
 
 def summarize(records: list[dict[str, Any]], args: argparse.Namespace,
               active_parameters: int = 0) -> dict[str, Any]:
-    """Initial and final training loss (means of the first and last 10 steps), validation, speed."""
+    """Initial and final training loss (means of the first and last 10 steps), validation, speed,
+    and the MaxVio of the last 10 steps (mean over layers and steps; MoE runs)."""
     losses = [r["loss"] for r in records]
+    maxvio = [sum(r["max_violation"]) / len(r["max_violation"])
+              for r in records[-10:] if "max_violation" in r]
     speeds = sorted(r["tokens_per_s"] for r in records[len(records) // 5:]) or [math.nan]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     return {"steps": len(records), "initial_loss": sum(losses[:10]) / len(losses[:10]),
             "final_loss": sum(losses[-10:]) / len(losses[-10:]), "val_loss": vals[-1] if vals else None,
             "tokens_per_s_median": speeds[len(speeds) // 2], "ffn": args.ffn, "router": args.router,
-            "top_k": args.top_k, "num_experts": args.num_experts, "active_parameters": active_parameters}
+            "top_k": args.top_k, "num_experts": args.num_experts, "active_parameters": active_parameters,
+            "max_violation_final": sum(maxvio) / len(maxvio) if maxvio else None}

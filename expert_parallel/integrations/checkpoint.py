@@ -43,9 +43,11 @@ def _shard(local: Tensor, ctx: DistContext) -> DTensor:
 
 
 def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
-    """Parameters and buffers by name; expert tensors as DTensors sharing the parameters' storage."""
+    """Parameters and persistent buffers by name (the state dict's entries, e.g. a router's
+    expert_bias); expert tensors as DTensors sharing the parameters' storage."""
     experts = _expert_ids(model)
-    state: dict[str, Tensor] = {n: b for n, b in model.named_buffers()}
+    persistent = model.state_dict(keep_vars=True)
+    state: dict[str, Tensor] = {n: b for n, b in model.named_buffers() if n in persistent}
     for name, p in model.named_parameters():
         state[name] = _shard(p.detach(), ctx) if id(p) in experts else p.detach()
     return state

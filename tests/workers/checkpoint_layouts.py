@@ -24,7 +24,10 @@ GLOBAL_BATCH, L = 8, 16
 
 
 def build(ctx: ep.DistContext) -> tuple[LanguageModel, torch.optim.Optimizer]:
-    moe = ep.MoEConfig(d_model=32, d_ff=32, num_experts=8, top_k=2, capacity_factor=1.0, min_capacity=1)
+    # DeepSeek-V3-style routing: the trained expert bias and the shared expert must follow too
+    moe = ep.MoEConfig(d_model=32, d_ff=32, num_experts=8, top_k=2, capacity_factor=1.0, min_capacity=1,
+                       score_func="sigmoid", bias_update_rate=0.01, num_expert_groups=4, num_limited_groups=2,
+                       num_shared_experts=1, shared_expert_gate=True)
     torch.manual_seed(0)
     model = LanguageModel(LMConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=L, moe=moe, moe_every=2),
                           ep_group=ctx.ep_group)
@@ -46,6 +49,7 @@ def train_step(model: LanguageModel, opt: torch.optim.Optimizer, ctx: ep.DistCon
     total.backward()
     ep.sync_gradients(model, ctx)
     opt.step()
+    ep.update_expert_bias(model, ctx)
 
 
 def global_logits(model: LanguageModel, ctx: ep.DistContext) -> torch.Tensor:
@@ -83,6 +87,9 @@ def main() -> int:
         assert meta["step"] == 3 and meta["note"] == "layout test", meta
         for key, value in full_state_dict(model).items():
             torch.testing.assert_close(value, reference["state"][key], rtol=0, atol=0, msg=key)
+        trained_bias = [v for k, v in reference["state"].items() if k.endswith("router.expert_bias")]
+        assert trained_bias and all(b.abs().sum() > 0 for b in trained_bias), "the bias never trained"
+        assert any(k.startswith("blocks.") and ".shared_experts." in k for k in reference["state"])
         torch.testing.assert_close(global_logits(model, ctx), reference["logits"], rtol=1e-5, atol=1e-5)
         for step in range(3, 5):
             train_step(model, opt, ctx, step)
