@@ -95,5 +95,5 @@ def test_random_configurations(case: tuple[ep.MoEConfig, tuple[int, int], bool],
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(aux.expert_counts, aux_ref["expert_counts"])
     for field in ("dropped_fraction", "seq_balance_loss", "max_violation", "loss"):
-        got, want = getattr(aux, field).detach().item(), float(aux_ref[field])
+        got, want = getattr(aux, field).detach().item(), float(torch.as_tensor(aux_ref[field]).detach())
         assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6), (field, got, want)
