@@ -54,6 +54,15 @@ from .ops.routing import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # ep.hf is imported on first use: it needs transformers (the "hf" extra), the library does not.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "CollectiveError",
     "CommReport",

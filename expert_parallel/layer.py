@@ -88,19 +88,31 @@ class MoE(nn.Module):
                                            dtype=cfg.dtype) if cfg.num_shared_experts else None)
         self.shared_gate = (nn.Linear(cfg.d_model, 1, bias=False, dtype=cfg.dtype)
                             if cfg.shared_expert_gate else None)
-        if ep_group is not None:
-            replicas = {n: fingerprint(t) for n, t in self.state_dict().items()
-                        if not n.startswith("experts.")}
-            check_same_on_all_ranks({"MoEConfig": asdict(cfg),
-                                     "MoE replicated state": {**replicas, "expert base seed": base_seed}},
-                                    ep_group, hints={"MoE replicated state": SEED_HINT})
+        self.base_seed = base_seed
+        self.check_replicas()
         self.dispatcher: Dispatcher = LocalDispatcher()
         if ep_group is not None and self.ep_size > 1:
             self.dispatcher = AllToAllDispatcher(ep_group, cfg.num_experts)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BLD: Tensor) -> tuple[Tensor, MoEAux]:
+    def check_replicas(self) -> None:
+        """Raises ValueError unless every rank of the expert-parallel group has the same config,
+        the same non-expert state (router, expert bias, shared experts: fingerprints) and the same
+        expert base seed; one ``all_gather_object``. Run at construction; call it again after
+        replacing replicated weights (as ``ep.hf.expert_parallelize`` does)."""
+        if self.ep_group is None:
+            return
+        replicas = {n: fingerprint(t) for n, t in self.state_dict().items() if not n.startswith("experts.")}
+        check_same_on_all_ranks({"MoEConfig": asdict(self.cfg),
+                                 "MoE replicated state": {**replicas, "expert base seed": self.base_seed}},
+                                self.ep_group, hints={"MoE replicated state": SEED_HINT})
+
+    def forward(self, x_BLD: Tensor, router_logits: Tensor | None = None) -> tuple[Tensor, MoEAux]:
         """Routes every token to its experts and mixes their outputs.
+
+        ``router_logits`` ([B·L, E] or [B, L, E]): logits computed outside (e.g. by a Hugging Face
+        router module, whose output recording must see the call) used instead of
+        ``router.logits(x)``; routing from them follows this layer's config (cast to router_dtype).
 
         Under autocast (fp32 parameters, bf16 compute) the router and the gates stay in
         router_dtype, the token rows are cast to bf16 before the exchange (half the bytes), the
@@ -123,7 +135,10 @@ class MoE(nn.Module):
         x_TD = x_BLD.reshape(B * L, D)
         # The record_function scopes name the phases in profiles (`expert-parallel bench --profile`).
         with record_function("moe/router"):
-            logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
+            if router_logits is None:
+                logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
+            else:
+                logits_GSE = router_logits.to(self.cfg.router_dtype).reshape(-1, S, router_logits.shape[-1])
         if self.check_finite:
             self._check_finite(x_TD, logits_GSE, info)
         with record_function("moe/plan"):

@@ -1,0 +1,173 @@
+"""Hugging Face transformers MoE models, expert-parallel with no change to the model code.
+
+``expert_parallelize(model, ctx)`` finds the sparse MoE blocks of the supported families and
+replaces each, in place, with an :class:`ExpertParallelBlock`: the family's own router module (kept,
+so ``output_router_logits`` recording and HF's aux loss work as before; its logits feed our routing),
+an ``ep.MoE`` configured with the family's routing semantics that holds this rank's E / ep_size
+experts (converted from transformers' fused ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F]),
+and the family's shared experts, replicated. Attention, dense layers and embeddings are untouched.
+
+Families (``config.model_type``): mixtral, qwen2_moe, qwen3_moe, deepseek_v3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..comm.distributed import DistContext
+from ..config import MoEConfig
+from ..layer import MoE
+
+try:
+    import transformers  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError("expert_parallel.hf needs transformers: install the extra with "
+                      "pip install \"expert-parallel[hf]\"") from err
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a transformers model family routes (the MoEConfig fields that differ between them)."""
+
+    score_func: str
+    shared: tuple[str, ...]  # attribute names of the block's shared-expert modules, in call order
+    expert_bias: bool = False  # DeepSeek's e_score_correction_bias
+
+    def routing(self, config: Any) -> dict[str, Any]:
+        """MoEConfig routing fields from the model's config."""
+        fields: dict[str, Any] = {"score_func": self.score_func,
+                                  "normalize_topk": bool(getattr(config, "norm_topk_prob", True))}
+        if self.score_func == "sigmoid":  # DeepSeek-V3
+            fields.update(route_scale=float(config.routed_scaling_factor))
+            if getattr(config, "n_group", None) and getattr(config, "topk_group", None):
+                fields.update(num_expert_groups=config.n_group, num_limited_groups=config.topk_group)
+        if self.expert_bias:
+            fields["bias_update_rate"] = 1e-3  # DeepSeek-V3's γ; the bias itself is the model's buffer
+        return fields
+
+
+FAMILIES = {
+    "mixtral": Family("softmax", ()),
+    "qwen3_moe": Family("softmax", ()),
+    "qwen2_moe": Family("softmax", ("shared_expert", "shared_expert_gate")),
+    "deepseek_v3": Family("sigmoid", ("shared_experts",), expert_bias=True),
+}
+_ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu"}  # transformers' hidden_act -> our gated activation
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    return (hasattr(module, "gate") and hasattr(module.gate, "weight")
+            and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"))
+
+
+class ExpertParallelBlock(nn.Module):
+    """A family's sparse MoE block with its experts sharded: same call signature and return value.
+
+    Submodules: ``gate`` (the family's router, replicated, called for its logits), ``moe`` (an
+    ``ep.MoE`` whose ``router.weight`` is the gate's weight and, for DeepSeek, whose
+    ``router.expert_bias`` is the gate's ``e_score_correction_bias``), and the family's shared experts
+    under their own names.
+    """
+
+    def __init__(self, block: Any, family: Family, config: Any, ctx: DistContext | None) -> None:
+        super().__init__()
+        experts: Any = block.experts
+        gate: Any = block.gate
+        E, twoF, D = experts.gate_up_proj.shape
+        F = twoF // 2
+        activation = _ACTIVATIONS.get(str(config.hidden_act))
+        if activation is None:
+            raise ValueError(f"hidden_act={config.hidden_act!r} of model_type {config.model_type!r} is not "
+                             f"supported: expected one of {sorted(_ACTIVATIONS)}")
+        self.gate = gate
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        for name in family.shared:
+            setattr(self, name, getattr(block, name))
+        self.shared_names = family.shared
+        cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=int(gate.top_k), capacity_factor=None,
+                        eval_capacity_factor=None, activation=activation, load_balance_coef=0.0,
+                        z_loss_coef=0.0, dtype=experts.gate_up_proj.dtype, **family.routing(config))
+        ep_group = ctx.ep_group if ctx is not None else None
+        with torch.random.fork_rng(devices=[]):  # its own initial weights are replaced below
+            torch.manual_seed(0)
+            self.moe = MoE(cfg, ep_group=ep_group).to(experts.gate_up_proj.device)
+        self._adopt(gate, experts, F)
+        self.moe.check_replicas()  # the model's router (and bias) must agree across the group
+
+    def _adopt(self, gate: Any, experts: Any, F: int) -> None:
+        """The gate's weight (and bias buffer) shared, this rank's experts converted and copied."""
+        self.moe.router.weight = gate.weight
+        self._link_bias()
+        first, count = self.moe.experts.first, self.moe.experts.num_local
+        gate_up = experts.gate_up_proj.detach()[first:first + count]
+        down = experts.down_proj.detach()[first:first + count]
+        mine = self.moe.experts.weights()
+        with torch.no_grad():  # linear(x, W) = x @ W.T: [E, F, D] rows become [E, D, F] columns
+            mine["w_gate"].copy_(gate_up[:, :F, :].transpose(1, 2))
+            mine["w_in"].copy_(gate_up[:, F:, :].transpose(1, 2))
+            mine["w_out"].copy_(down.transpose(1, 2))
+
+    def _link_bias(self) -> None:
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        if bias is not None and getattr(self.moe.router, "expert_bias", None) is not None:
+            self.moe.router.expert_bias = bias  # one tensor: update_expert_bias trains the model's own
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ExpertParallelBlock:
+        super()._apply(fn, recurse)
+        self._link_bias()  # moving buffers makes new tensors: share the gate's again
+        return self
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """[B, L, D] -> [B, L, D], as the family's block."""
+        if self.training and self.jitter_noise > 0:  # Mixtral: both router and experts see it
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        gate: Any = self.gate
+        router_logits = gate(hidden_states.reshape(-1, hidden_states.shape[-1]))[0]  # recorded by HF
+        y_BLD, _ = self.moe(hidden_states, router_logits=router_logits)
+        return y_BLD + self._shared(hidden_states)
+
+    def _shared(self, x_BLD: Tensor) -> Tensor | float:
+        if not self.shared_names:
+            return 0.0
+        shared: Any = getattr(self, self.shared_names[0])
+        y: Tensor = shared(x_BLD)
+        if len(self.shared_names) > 1:  # Qwen2-MoE's sigmoid gate on the shared expert
+            shared_gate: Any = getattr(self, self.shared_names[1])
+            y = torch.sigmoid(shared_gate(x_BLD)) * y
+        return y
+
+
+def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.Module:
+    """Replaces the MoE blocks of a transformers model, in place, by expert-parallel ones.
+
+    Every rank must call it on an identical model (same weights). Returns the model.
+
+    Raises:
+        ValueError: the model's ``model_type`` is not a supported family or has no MoE block, or
+            the number of experts is not divisible by the expert-parallel size.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    family = FAMILIES.get(str(model_type))
+    blocks = [(name, m) for name, m in model.named_modules() if _is_moe_block(m)]
+    if family is None or not blocks:
+        raise ValueError(f"model_type {model_type!r} has no MoE block that expert_parallel recognises; "
+                         f"supported families: {sorted(FAMILIES)}")
+    ep_size = ctx.ep_size if ctx is not None else 1
+    for name, block in blocks:
+        E = block.experts.gate_up_proj.shape[0]
+        if E % ep_size:
+            raise ValueError(f"{name}: {E} experts are not divisible by the expert-parallel size {ep_size}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ExpertParallelBlock(block, family, config, ctx))
+    return model
+
+
+__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize"]

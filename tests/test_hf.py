@@ -1,0 +1,52 @@
+"""expert_parallel.hf: transformers MoE families made expert-parallel equal the unmodified model."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import expert_parallel as ep
+from tests.hf_models import FAMILIES, tiny_model
+from tests.procs import torchrun
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_process_logits_and_aux_loss_equal_the_unmodified_model(family: str) -> None:
+    ref = tiny_model(family)
+    model = ep.hf.expert_parallelize(copy.deepcopy(ref))
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, want = model(idx, output_router_logits=True), ref(idx, output_router_logits=True)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
+    if want.aux_loss is not None:
+        torch.testing.assert_close(out.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-7)
+    assert len(out.router_logits) == len(want.router_logits) > 0  # recording still sees every router
+    blocks = [m for m in model.modules() if isinstance(m, ep.hf.ExpertParallelBlock)]
+    assert len(blocks) == len(want.router_logits)
+
+
+@pytest.mark.parametrize(("world", "ep_size"), [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2xdp2"])
+def test_expert_parallel_equals_the_unmodified_model(world: int, ep_size: int) -> None:
+    out = torchrun(world, "hf_equivalence.py", "--ep-size", str(ep_size), timeout=600)
+    assert f"ALL OK {len(FAMILIES)} families with {world} ranks, ep_size {ep_size}" in out, out[-3000:]
+
+
+def test_a_model_without_moe_blocks_is_refused() -> None:
+    import transformers as tf
+    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"model_type 'llama' has no MoE block.*deepseek_v3.*mixtral"):
+        ep.hf.expert_parallelize(model)
+
+
+def test_without_transformers_the_import_names_the_extra() -> None:
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import expert_parallel.hf\nexcept ImportError as err:\n    print('refused:', err)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert 'pip install "expert-parallel[hf]"' in out, out

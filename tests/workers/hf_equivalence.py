@@ -1,0 +1,140 @@
+"""Run under torchrun: transformers MoE models made expert-parallel equal the unmodified model.
+
+    torchrun --standalone --nproc-per-node 2 tests/workers/hf_equivalence.py --ep-size 2
+
+For every family: logits and HF's aux_loss on this rank's slice equal the unmodified model's
+(fp32, relative 1e-5); one SGD step with ep.sync_gradients on the global batch equals the unmodified
+model's step on the whole batch (every parameter, experts compared as this rank's slice); for
+DeepSeek-V3, update_expert_bias moves the model's own e_score_correction_bias by the sign rule on the
+global batch's selections. Prints "ALL OK <n>" on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import expert_parallel as ep
+from tests.hf_models import FAMILIES, tiny_model
+
+GLOBAL_BATCH, L = 4, 16
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def expert_view(ref: torch.nn.Module, name: str, first: int, count: int) -> torch.Tensor:
+    """The reference's expert tensor behind our parameter ``name`` (…moe.experts.w_gate/w_in/w_out)."""
+    prefix = name.split(".moe.experts.")[0]
+    kind = name.rsplit(".", 1)[1]
+    gate_up = ref.get_parameter(f"{prefix}.experts.gate_up_proj")
+    F = gate_up.shape[1] // 2
+    if kind == "w_out":
+        full = ref.get_parameter(f"{prefix}.experts.down_proj").transpose(1, 2)
+    else:
+        full = (gate_up[:, :F] if kind == "w_gate" else gate_up[:, F:]).transpose(1, 2)
+    return full[first:first + count]
+
+
+def run_family(family: str, ctx: ep.DistContext) -> None:
+    ref = tiny_model(family)
+    model = ep.hf.expert_parallelize(copy.deepcopy(ref), ctx)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 64, (GLOBAL_BATCH, L + 1), generator=g)
+    local = GLOBAL_BATCH // ctx.world_size
+    mine = idx[ctx.rank * local:(ctx.rank + 1) * local]
+    # 1. logits and HF's aux loss on this rank's slice
+    with torch.no_grad():
+        out = model(mine[:, :-1], output_router_logits=True)
+        want = ref(mine[:, :-1], output_router_logits=True)
+    close(out.logits, want.logits, f"{family}: logits")
+    if want.aux_loss is not None:
+        close(out.aux_loss, want.aux_loss, f"{family}: aux_loss")
+    # 2. one training step on the global batch
+    model.train()
+    ref.train()
+    counts = selections(ref, idx[:, :-1]) if family == "deepseek_v3" else None
+    loss = model(mine[:, :-1], labels=mine[:, 1:]).loss
+    loss.backward()
+    ep.sync_gradients(model, ctx)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    ref(idx[:, :-1], labels=idx[:, 1:]).loss.backward()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    for name, p in model.named_parameters():
+        if ".moe.experts." in name:
+            moe = model.get_submodule(name.split(".moe.experts.")[0] + ".moe")
+            first, count = moe.experts.first, moe.experts.num_local
+            close(p, expert_view(ref, name, first, count), f"{family}: {name} after a step")
+        elif ".moe.router." not in name:  # the router weight is the gate's (same tensor)
+            close(p, ref.get_parameter(name), f"{family}: {name} after a step")
+    if counts is not None:
+        check_bias_update(model, ref, counts, ctx, family)
+
+
+def selections(ref: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per MoE gate of the reference: selected assignments per expert on ``idx`` (whole batch)."""
+    counts: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: counts.__setitem__(
+                 n, torch.bincount(out[2].reshape(-1), minlength=mod.num_experts)))
+             for n, m in ref.named_modules() if n.endswith("mlp.gate")]
+    with torch.no_grad():
+        ref(idx)
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def check_bias_update(model: torch.nn.Module, ref: torch.nn.Module, counts: dict[str, torch.Tensor],
+                      ctx: ep.DistContext, family: str) -> None:
+    before = {n: ref.get_buffer(f"{n}.e_score_correction_bias").clone() for n in counts}
+    ep.update_expert_bias(model, ctx)
+    for n, c in counts.items():
+        c = c.double()
+        expected = before[n] + (1e-3 * torch.sign(c.mean() - c)).float()
+        got = model.get_buffer(f"{n}.e_score_correction_bias")
+        assert torch.equal(got, expected), f"{family}: {n} bias {got} != {expected}"
+
+
+def check_bad_expert_count(ctx: ep.DistContext) -> None:
+    """Experts not divisible by the expert-parallel size: a ValueError naming both."""
+    import transformers as tf
+
+    from tests.hf_models import COMMON
+    config = tf.MixtralConfig(**COMMON, intermediate_size=48, num_key_value_heads=2,
+                              num_local_experts=ctx.ep_size + 1, num_experts_per_tok=2)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    try:
+        ep.hf.expert_parallelize(model, ctx)
+    except ValueError as err:
+        assert f"{ctx.ep_size + 1} experts are not divisible" in str(err), err
+        return
+    raise AssertionError("an expert count not divisible by ep_size was accepted")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ep-size", type=int, required=True)
+    args = parser.parse_args()
+    ctx = ep.init_distributed(ep_size=args.ep_size, backend="gloo", timeout=120)
+    for family in FAMILIES:
+        run_family(family, ctx)
+        if ctx.rank == 0:
+            print(f"ok {family}", flush=True)
+    if ctx.ep_size > 1:
+        check_bad_expert_count(ctx)
+    if ctx.rank == 0:
+        print(f"ALL OK {len(FAMILIES)} families with {ctx.world_size} ranks, ep_size {ctx.ep_size}",
+              flush=True)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
