@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +33,11 @@ def test_one_process_logits_and_aux_loss_equal_the_unmodified_model(family: str)
 
 
 @pytest.mark.parametrize(("world", "ep_size"), [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2xdp2"])
-def test_expert_parallel_equals_the_unmodified_model(world: int, ep_size: int) -> None:
-    out = torchrun(world, "hf_equivalence.py", "--ep-size", str(ep_size), timeout=600)
+def test_expert_parallel_equals_the_unmodified_model(world: int, ep_size: int, tmp_path: Path) -> None:
+    """Logits, aux loss, a training step, DeepSeek's bias update and save_pretrained -> plain
+    from_pretrained, on real process groups."""
+    out = torchrun(world, "hf_equivalence.py", "--ep-size", str(ep_size), "--save", str(tmp_path),
+                   timeout=600)
     assert f"ALL OK {len(FAMILIES)} families with {world} ranks, ep_size {ep_size}" in out, out[-3000:]
 
 

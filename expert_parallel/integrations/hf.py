@@ -13,9 +13,11 @@ Families (``config.model_type``): mixtral, qwen2_moe, qwen3_moe, deepseek_v3.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm.distributed import DistContext
@@ -170,4 +172,39 @@ def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.M
     return model
 
 
-__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize"]
+def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unmodified model's state dict (transformers' internal layout), every expert gathered.
+
+    A collective over each block's expert-parallel group: every rank calls it, every rank gets it.
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, block in model.named_modules():
+        if not isinstance(block, ExpertParallelBlock):
+            continue
+        prefix = f"{name}." if name else ""
+        full = block.moe.full_state_dict()  # NOTE: collective (all-gather of the expert rows)
+        state = {k: v for k, v in state.items() if not k.startswith(prefix + "moe.")}
+        # ours [E, D, F] / [E, F, D] -> transformers' rows: gate_up_proj [E, 2F, D], down_proj [E, D, F]
+        gate_up = torch.cat([full["experts.w_gate"], full["experts.w_in"]], dim=2).transpose(1, 2)
+        state[prefix + "experts.gate_up_proj"] = gate_up.contiguous()
+        state[prefix + "experts.down_proj"] = full["experts.w_out"].transpose(1, 2).contiguous()
+    return state
+
+
+def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None = None,
+                    **kwargs: Any) -> None:
+    """Writes a directory that plain transformers loads (``AutoModelForCausalLM.from_pretrained``),
+    without expert_parallel installed: the experts gathered into the family's layout, DeepSeek's
+    trained bias in ``e_score_correction_bias``. Every rank calls it; rank 0 writes.
+
+    ``kwargs`` go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
+    """
+    state = hf_state_dict(model)
+    leader = ctx is None or ctx.rank == 0
+    save: Any = model.save_pretrained
+    save(str(path), state_dict=state, is_main_process=leader, **kwargs)
+    if ctx is not None and ctx.world_size > 1:
+        dist.barrier()  # NOTE: collective: the directory is complete when any rank returns
+
+
+__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "hf_state_dict", "save_pretrained"]

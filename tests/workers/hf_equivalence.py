@@ -43,7 +43,7 @@ def expert_view(ref: torch.nn.Module, name: str, first: int, count: int) -> torc
     return full[first:first + count]
 
 
-def run_family(family: str, ctx: ep.DistContext) -> None:
+def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None) -> None:
     ref = tiny_model(family)
     model = ep.hf.expert_parallelize(copy.deepcopy(ref), ctx)
     g = torch.Generator().manual_seed(7)
@@ -76,6 +76,26 @@ def run_family(family: str, ctx: ep.DistContext) -> None:
             close(p, ref.get_parameter(name), f"{family}: {name} after a step")
     if counts is not None:
         check_bias_update(model, ref, counts, ctx, family)
+    if save_dir is not None:
+        check_save_pretrained(model, ctx, save_dir / family, idx[:, :-1])
+
+
+def check_save_pretrained(model: torch.nn.Module, ctx: ep.DistContext, path: Path, idx: torch.Tensor) -> None:
+    """The trained expert-parallel model, saved, loads in plain transformers with the same weights
+    (every expert, the trained bias) and the same logits on every rank's tokens."""
+    import transformers as tf
+    ep.hf.save_pretrained(model, path, ctx)
+    expected = ep.hf.hf_state_dict(model)
+    plain = tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    loaded = plain.state_dict()
+    assert set(loaded) == set(expected), sorted(set(loaded) ^ set(expected))
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), f"{path.name}: {key} after save_pretrained"
+    local = idx.shape[0] // ctx.world_size
+    mine = idx[ctx.rank * local:(ctx.rank + 1) * local]
+    model.eval()
+    with torch.no_grad():
+        close(plain(mine).logits, model(mine).logits, f"{path.name}: logits after save_pretrained")
 
 
 def selections(ref: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,10 +141,11 @@ def check_bad_expert_count(ctx: ep.DistContext) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ep-size", type=int, required=True)
+    parser.add_argument("--save", type=Path, default=None, help="also check save_pretrained into DIR")
     args = parser.parse_args()
     ctx = ep.init_distributed(ep_size=args.ep_size, backend="gloo", timeout=120)
     for family in FAMILIES:
-        run_family(family, ctx)
+        run_family(family, ctx, args.save)
         if ctx.rank == 0:
             print(f"ok {family}", flush=True)
     if ctx.ep_size > 1:
