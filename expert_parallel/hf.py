@@ -3,6 +3,14 @@
 See :mod:`expert_parallel.integrations.hf` and docs/hf.md.
 """
 
-from .integrations.hf import FAMILIES, ExpertParallelBlock, expert_parallelize, hf_state_dict, save_pretrained
+from .integrations.hf import (
+    FAMILIES,
+    ExpertParallelBlock,
+    expert_parallelize,
+    from_pretrained,
+    hf_state_dict,
+    save_pretrained,
+)
 
-__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "hf_state_dict", "save_pretrained"]
+__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "from_pretrained", "hf_state_dict",
+           "save_pretrained"]

@@ -12,9 +12,11 @@ Families (``config.model_type``): mixtral, qwen2_moe, qwen3_moe, deepseek_v3.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -76,7 +78,8 @@ class ExpertParallelBlock(nn.Module):
     under their own names.
     """
 
-    def __init__(self, block: Any, family: Family, config: Any, ctx: DistContext | None) -> None:
+    def __init__(self, block: Any, family: Family, config: Any, ctx: DistContext | None,
+                 local: tuple[Tensor, Tensor] | None = None) -> None:
         super().__init__()
         experts: Any = block.experts
         gate: Any = block.gate
@@ -95,19 +98,23 @@ class ExpertParallelBlock(nn.Module):
                         eval_capacity_factor=None, activation=activation, load_balance_coef=0.0,
                         z_loss_coef=0.0, dtype=experts.gate_up_proj.dtype, **family.routing(config))
         ep_group = ctx.ep_group if ctx is not None else None
+        device = gate.weight.device
         with torch.random.fork_rng(devices=[]):  # its own initial weights are replaced below
             torch.manual_seed(0)
-            self.moe = MoE(cfg, ep_group=ep_group).to(experts.gate_up_proj.device)
-        self._adopt(gate, experts, F)
+            self.moe = MoE(cfg, ep_group=ep_group).to(device)
+        first, count = self.moe.experts.first, self.moe.experts.num_local
+        if local is None:  # this rank's rows of the model's own expert tensors
+            local = (experts.gate_up_proj.detach()[first:first + count],
+                     experts.down_proj.detach()[first:first + count])
+        self._adopt(gate, local, F)
         self.moe.check_replicas()  # the model's router (and bias) must agree across the group
 
-    def _adopt(self, gate: Any, experts: Any, F: int) -> None:
-        """The gate's weight (and bias buffer) shared, this rank's experts converted and copied."""
+    def _adopt(self, gate: Any, local: tuple[Tensor, Tensor], F: int) -> None:
+        """The gate's weight (and bias buffer) shared; this rank's experts (transformers' layout:
+        gate_up [e, 2F, D], down [e, D, F]) converted and copied."""
         self.moe.router.weight = gate.weight
         self._link_bias()
-        first, count = self.moe.experts.first, self.moe.experts.num_local
-        gate_up = experts.gate_up_proj.detach()[first:first + count]
-        down = experts.down_proj.detach()[first:first + count]
+        gate_up, down = local
         mine = self.moe.experts.weights()
         with torch.no_grad():  # linear(x, W) = x @ W.T: [E, F, D] rows become [E, D, F] columns
             mine["w_gate"].copy_(gate_up[:, :F, :].transpose(1, 2))
@@ -172,6 +179,122 @@ def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.M
     return model
 
 
+def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: Any) -> nn.Module:
+    """Loads a local transformers checkpoint directly into the expert-parallel layout.
+
+    Each rank reads only its own experts' tensors from the safetensors files (per-expert keys as
+    transformers writes them, or slices of fused ``gate_up_proj`` / ``down_proj``); the model is built
+    with its expert parameters on the meta device, so no rank ever holds every expert. ``kwargs`` go
+    to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``, ``dtype``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    family = FAMILIES.get(str(config.model_type))
+    if family is None:
+        raise ValueError(f"model_type {config.model_type!r} has no MoE block that expert_parallel "
+                         f"recognises; supported families: {sorted(FAMILIES)}")
+    with _experts_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    files = _SafetensorsDir(Path(path), str(config.model_type))
+    missing, unexpected = model.load_state_dict(files.non_expert_tensors(), strict=False)
+    missing = [k for k in missing if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: missing {missing}, "
+                         f"unexpected {unexpected}")
+    ep_size, ep_rank = (ctx.ep_size, ctx.ep_rank) if ctx is not None else (1, 0)
+    for name, block in [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]:
+        E = block.experts.gate_up_proj.shape[0]
+        if E % ep_size:
+            raise ValueError(f"{name}: {E} experts are not divisible by the expert-parallel size {ep_size}")
+        count = E // ep_size
+        local = files.experts(name, ep_rank * count, count)
+        parent_name, _, child = name.rpartition(".")
+        new_block = ExpertParallelBlock(block, family, config, ctx, local)
+        setattr(model.get_submodule(parent_name), child, new_block)
+    return model
+
+
+@contextlib.contextmanager
+def _experts_on_meta() -> Iterator[None]:
+    """While active, parameters named gate_up_proj / down_proj are created on the meta device
+    (transformers has no switch for a part of a model; accelerate's init_empty_weights does the
+    same for every parameter)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and name in ("gate_up_proj", "down_proj"):
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+class _SafetensorsDir:
+    """The tensors of a transformers checkpoint directory, read key by key (safetensors)."""
+
+    # per-expert keys on disk: (gate, up, down) names of each family's expert linears
+    EXPERT_NAMES: ClassVar[dict[str, tuple[str, str, str]]] = {"mixtral": ("w1", "w3", "w2")}
+    DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, path: Path, model_type: str) -> None:
+        from safetensors import safe_open
+
+        self.files = sorted(path.glob("*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"{path} has no .safetensors files")
+        self.where: dict[str, Path] = {}
+        for file in self.files:
+            with safe_open(str(file), "pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), file))
+        self.names = self.EXPERT_NAMES.get(model_type, self.DEFAULT_NAMES)
+        self.rename = (".block_sparse_moe.", ".mlp.") if model_type == "mixtral" else None
+
+    def _internal(self, key: str) -> str:
+        return key.replace(*self.rename) if self.rename else key
+
+    def non_expert_tensors(self) -> dict[str, Tensor]:
+        """Every tensor except the experts', under the model's (internal) names."""
+        import re
+
+        from safetensors import safe_open
+        expert = re.compile(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$)")
+        out: dict[str, Tensor] = {}
+        for file in self.files:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    if not expert.search(key):
+                        out[self._internal(key)] = f.get_tensor(key)
+        return out
+
+    def experts(self, block: str, first: int, count: int) -> tuple[Tensor, Tensor]:
+        """gate_up [count, 2F, D] and down [count, D, F] of experts [first, first + count) of
+        ``block`` (internal name), read without touching the other experts' bytes."""
+        from safetensors import safe_open
+        disk = {self._internal(k): k for k in self.where}
+        fused = f"{block}.experts.gate_up_proj"
+        if fused in disk:  # a checkpoint in transformers' internal layout: slice the fused tensors
+            tensors = []
+            for name in (fused, f"{block}.experts.down_proj"):
+                with safe_open(str(self.where[disk[name]]), "pt") as f:
+                    tensors.append(f.get_slice(disk[name])[first:first + count])
+            return tensors[0], tensors[1]
+        gate_ups, downs = [], []
+        for i in range(first, first + count):
+            parts = []
+            for part in self.names:
+                key = disk[f"{block}.experts.{i}.{part}.weight"]
+                with safe_open(str(self.where[key]), "pt") as f:
+                    parts.append(f.get_tensor(key))
+            gate_ups.append(torch.cat(parts[:2], dim=0))
+            downs.append(parts[2])
+        return torch.stack(gate_ups), torch.stack(downs)
+
+
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The unmodified model's state dict (transformers' internal layout), every expert gathered.
 
@@ -207,4 +330,5 @@ def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None 
         dist.barrier()  # NOTE: collective: the directory is complete when any rank returns
 
 
-__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "hf_state_dict", "save_pretrained"]
+__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "from_pretrained", "hf_state_dict",
+           "save_pretrained"]

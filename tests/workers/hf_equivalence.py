@@ -96,6 +96,60 @@ def check_save_pretrained(model: torch.nn.Module, ctx: ep.DistContext, path: Pat
     model.eval()
     with torch.no_grad():
         close(plain(mine).logits, model(mine).logits, f"{path.name}: logits after save_pretrained")
+    check_from_pretrained(model, ctx, path, mine)
+
+
+class RecordingSafeOpen:
+    """safetensors.safe_open that records which tensors are read."""
+
+    def __init__(self, original, read: list[str]) -> None:  # type: ignore[no-untyped-def]
+        self.original, self.read = original, read
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handle = self.original(*args, **kwargs)
+        read = self.read
+
+        class Handle:
+            def __enter__(self):  # type: ignore[no-untyped-def]
+                self.inner = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+                return handle.__exit__(*exc)
+
+            def keys(self):  # type: ignore[no-untyped-def]
+                return self.inner.keys()
+
+            def get_tensor(self, key):  # type: ignore[no-untyped-def]
+                read.append(key)
+                return self.inner.get_tensor(key)
+
+            def get_slice(self, key):  # type: ignore[no-untyped-def]
+                read.append(key)
+                return self.inner.get_slice(key)
+        return Handle()
+
+
+def check_from_pretrained(model: torch.nn.Module, ctx: ep.DistContext, path: Path,
+                          mine: torch.Tensor) -> None:
+    """Loading the saved directory straight into this layout: each rank reads only its own experts'
+    tensors, and the model equals the one that was saved."""
+    import re
+
+    import safetensors
+    read: list[str] = []
+    original = safetensors.safe_open
+    safetensors.safe_open = RecordingSafeOpen(original, read)
+    try:
+        loaded = ep.hf.from_pretrained(path, ctx, attn_implementation="eager").eval()
+    finally:
+        safetensors.safe_open = original
+    experts_read = {int(m.group(1)) for key in read if (m := re.search(r"\.experts\.(\d+)\.", key))}
+    E = 8
+    count = E // ctx.ep_size
+    assert experts_read == set(range(ctx.ep_rank * count, (ctx.ep_rank + 1) * count)), experts_read
+    with torch.no_grad():
+        close(loaded(mine).logits, model(mine).logits, f"{path.name}: logits after from_pretrained")
 
 
 def selections(ref: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
