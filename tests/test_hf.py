@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 import expert_parallel as ep
 from tests.hf_models import FAMILIES, tiny_model
-from tests.procs import torchrun
+from tests.procs import ROOT, torchrun
 
 pytest.importorskip("transformers")
 
@@ -54,3 +55,37 @@ def test_without_transformers_the_import_names_the_extra() -> None:
             "try:\n    import expert_parallel.hf\nexcept ImportError as err:\n    print('refused:', err)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert 'pip install "expert-parallel[hf]"' in out, out
+
+
+PLAIN_LOAD = """
+import sys
+sys.modules["expert_parallel"] = None  # plain transformers only
+import torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+bias = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+logits = model(torch.arange(16)[None]).logits
+print("loaded", model.config.model_type, bool(torch.isfinite(logits).all()),
+      "bias trained", bool(bias) and all(bool(b.abs().sum() > 0) for b in bias))
+"""
+
+
+def test_finetune_example_under_torchrun_saves_for_plain_transformers(tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    log = torchrun(2, ROOT / "examples" / "finetune_hf.py", "--family", "deepseek_v3", "--steps", "16",
+                   "--eval-every", "8", "--log-every", "4", "--out", str(out), timeout=300)
+    assert "2 rank(s) launched by torchrun, ep_size 2" in log, log[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 17)) and "val_loss" in records[7]
+    assert sum(r["loss"] for r in records[-4:]) / 4 < records[0]["loss"] - 0.5  # it learns
+    assert len(records[0]["max_violation"]) == 1 and (out / "max_violation.png").exists()
+    loaded = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out / "model")], capture_output=True,
+                            text=True, timeout=120, check=True).stdout
+    assert "loaded deepseek_v3 True bias trained True" in loaded, loaded
+
+
+def test_finetune_example_runs_as_one_process(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "finetune_hf.py"), "--steps", "3",
+                          "--eval-every", "3", "--no-plots", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "qwen3_moe: 2 MoE blocks, 1 rank(s) launched by none" in out
+    assert (tmp_path / "model" / "config.json").exists()

@@ -11,7 +11,7 @@ import torch
 
 from .. import __version__
 from ..comm.distributed import default_backend, launch_env
-from . import bench, compare, demo
+from . import bench, compare, demo, finetune_hf
 from . import train as train_lm
 
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser = sub.add_parser("compare", help="dense vs MoE variants at equal active parameters")
     compare.add_arguments(compare_parser)
     bench.add_arguments(sub.add_parser("bench", help="forward+backward time vs the floor and DeepSpeed"))
+    finetune_hf.add_arguments(sub.add_parser(
+        "finetune-hf", help="fine-tune a Hugging Face MoE model expert-parallel (the hf extra)"))
     sub.add_parser("info", help="print versions and devices")
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         compare.compare(args)
     elif args.command == "bench":
         bench.bench(args)
+    elif args.command == "finetune-hf":
+        finetune_hf.finetune(args)
     else:
         demo.run(args)
     _destroy_process_group()

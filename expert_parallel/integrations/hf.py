@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..comm.distributed import DistContext
 from ..config import MoEConfig
 from ..layer import MoE
+from ..ops.losses import MoEAux
 
 try:
     import transformers  # noqa: F401
@@ -90,6 +91,7 @@ class ExpertParallelBlock(nn.Module):
             raise ValueError(f"hidden_act={config.hidden_act!r} of model_type {config.model_type!r} is not "
                              f"supported: expected one of {sorted(_ACTIVATIONS)}")
         self.gate = gate
+        self.last_aux: MoEAux | None = None
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         for name in family.shared:
             setattr(self, name, getattr(block, name))
@@ -138,7 +140,8 @@ class ExpertParallelBlock(nn.Module):
             hidden_states = hidden_states * noise
         gate: Any = self.gate
         router_logits = gate(hidden_states.reshape(-1, hidden_states.shape[-1]))[0]  # recorded by HF
-        y_BLD, _ = self.moe(hidden_states, router_logits=router_logits)
+        y_BLD, aux = self.moe(hidden_states, router_logits=router_logits)
+        self.last_aux = aux  # routing statistics of the last call (expert counts, MaxVio) for logging
         return y_BLD + self._shared(hidden_states)
 
     def _shared(self, x_BLD: Tensor) -> Tensor | float:

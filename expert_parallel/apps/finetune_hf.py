@@ -1,0 +1,143 @@
+"""Fine-tune a Hugging Face MoE model expert-parallel on the embedded corpus, then save it for plain
+transformers.
+
+    torchrun --standalone --nproc-per-node 2 examples/finetune_hf.py --family qwen3_moe --steps 100
+    python examples/finetune_hf.py --model DIR --steps 20          # a local checkpoint, one process
+
+Without ``--model`` it builds a tiny Qwen3-MoE or DeepSeek-V3 from its config class, byte-level
+(vocabulary 256). The batches are bytes of CPython's documentation text, as in the LM example; the
+progress bar, metrics.jsonl and the plots are the LM example's. At the end rank 0 writes a
+``save_pretrained`` directory (OUT/model) that plain transformers loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..comm.distributed import DistContext, init_distributed
+from ..comm.grads import clip_grad_norm_, sync_gradients, update_expert_bias
+from .train import Traffic, get_batch, load_corpus, step_stats, summarize
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fine-tuning command's options."""
+    add = parser.add_argument
+    add("--model", type=Path, default=None, help="a local transformers checkpoint (default: a tiny model)")
+    add("--family", choices=("qwen3_moe", "deepseek_v3"), default="qwen3_moe", help="without --model")
+    add("--out", type=Path, default=Path("runs/finetune_hf"))
+    add("--ep-size", type=int, default=None)
+    add("--backend", choices=("gloo", "nccl"), default=None)
+    add("--steps", type=int, default=100)
+    add("--batch-size", type=int, default=8, help="global batch, sequences per step")
+    add("--seq-len", type=int, default=64)
+    add("--lr", type=float, default=1e-3)
+    add("--seed", type=int, default=0)
+    add("--eval-every", type=int, default=25)
+    add("--log-every", type=int, default=10)
+    add("--no-plots", action="store_true")
+    add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher
+
+
+def tiny_config(family: str) -> Any:
+    """A small byte-level model of the family (vocabulary 256), from its config class."""
+    import transformers
+
+    tf: Any = transformers  # config classes take these as keyword arguments (untyped here)
+    common: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(**common, intermediate_size=128, moe_intermediate_size=32,
+                                   num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                                   n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                                   kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=16,
+                                   qk_nope_head_dim=16)
+    return tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
+                             num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+
+
+@torch.no_grad()
+def validation_loss(model: Any, ctx: DistContext, val: torch.Tensor, args: argparse.Namespace) -> float:
+    """Mean next-byte loss on 4 fixed held-out batches (the last 10 % of the text), over the world."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    local = args.batch_size // ctx.world_size
+    total = torch.zeros((), device=ctx.device)
+    for _ in range(4):
+        x, y = get_batch(val, args.batch_size, args.seq_len, gen)
+        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
+        total += model(x[sl].to(ctx.device), labels=y[sl].to(ctx.device)).loss
+    torch.distributed.all_reduce(total)  # NOTE: collective
+    model.train()
+    return total.item() / (4 * ctx.world_size)
+
+
+def finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains, logs and saves; returns the summary (rank 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from .. import hf
+
+    ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
+    torch.manual_seed(args.seed)  # every rank builds the same model
+    model: Any
+    if args.model is not None:
+        model = hf.from_pretrained(args.model, ctx)
+    else:
+        model = hf.expert_parallelize(AutoModelForCausalLM.from_config(tiny_config(args.family)), ctx)
+    model = model.to(ctx.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    data = load_corpus(None)
+    split = int(0.9 * data.numel())
+    train_data, val_data = data[:split], data[split:]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    leader, local = ctx.rank == 0, args.batch_size // ctx.world_size
+    blocks = [m for m in model.modules() if isinstance(m, hf.ExpertParallelBlock)]
+    records: list[dict[str, Any]] = []
+    traffic = Traffic(ctx.world_size)
+    if leader:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "metrics.jsonl").write_text("")
+        tqdm.write(f"{model.config.model_type}: {len(blocks)} MoE blocks, {ctx.world_size} rank(s) "
+                   f"launched by {ctx.launcher}, ep_size {ctx.ep_size}, {ctx.backend} on {ctx.device}")
+    for step in tqdm(range(1, args.steps + 1), disable=not leader, desc="finetune", unit="step"):
+        start = time.perf_counter()
+        x, y = get_batch(train_data, args.batch_size, args.seq_len, gen)
+        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
+        out = model(x[sl].to(ctx.device), labels=y[sl].to(ctx.device))
+        optimizer.zero_grad()
+        out.loss.backward()
+        sync_gradients(model, ctx)
+        clip_grad_norm_(model, 1.0, ctx)
+        optimizer.step()
+        update_expert_bias(model, ctx)  # DeepSeek-V3's e_score_correction_bias; a no-op otherwise
+        auxes = [b.last_aux for b in blocks if b.last_aux is not None]
+        stats = step_stats(ctx, out.loss.detach(), auxes)
+        traffic.add(stats.pop("sent_bytes"), ctx.ep_size)
+        elapsed = time.perf_counter() - start
+        rec = {"step": step, **stats, "tokens_per_s": args.batch_size * args.seq_len / elapsed}
+        if step % args.eval_every == 0 or step == args.steps:
+            rec["val_loss"] = validation_loss(model, ctx, val_data, args)
+        if leader:
+            records.append(rec)
+            with (args.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if step == 1 or step % args.log_every == 0:
+                tqdm.write(f"step {step:5d}  loss {rec['loss']:.4f}  maxvio "
+                           f"{sum(rec['max_violation']) / len(rec['max_violation']):.2f}  "
+                           f"{rec['tokens_per_s']:,.0f} tok/s")
+    hf.save_pretrained(model, args.out / "model", ctx)
+    if not leader:
+        return {}
+    if not args.no_plots:
+        from .plots import write_plots
+        write_plots(args.out, records, traffic.matrix)
+    summary = summarize(records, argparse.Namespace(ffn="moe", router="topk", top_k=0, num_experts=0))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
