@@ -89,3 +89,15 @@ def test_finetune_example_runs_as_one_process(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "qwen3_moe: 2 MoE blocks, 1 rank(s) launched by none" in out
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_checkpoints_of_these_models_reshard_across_ep_sizes(tmp_path: Path) -> None:
+    """ep.save_checkpoint at EP 2 -> ep.load_checkpoint at EP 4 and in one process: the weights (the
+    trained DeepSeek bias included) bitwise, and a further AdamW step equal (moments resharded)."""
+    saved = torchrun(2, "hf_checkpoint.py", "save", str(tmp_path), "--ep-size", "2")
+    assert "ALL OK save with 2 ranks" in saved
+    loaded = torchrun(4, "hf_checkpoint.py", "load", str(tmp_path), "--ep-size", "4")
+    assert "ALL OK load with 4 ranks" in loaded
+    one = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "hf_checkpoint.py"), "load",
+                          str(tmp_path), "--ep-size", "1"], capture_output=True, text=True, timeout=300)
+    assert "ALL OK load with 1 ranks" in one.stdout, one.stdout[-2000:] + one.stderr[-2000:]

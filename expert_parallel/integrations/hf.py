@@ -299,11 +299,11 @@ class _SafetensorsDir:
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The unmodified model's state dict (transformers' internal layout), every expert gathered.
+    """The unmodified model's state dict (transformers' internal layout), every expert gathered; copies.
 
     A collective over each block's expert-parallel group: every rank calls it, every rank gets it.
     """
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # a snapshot, not views
     for name, block in model.named_modules():
         if not isinstance(block, ExpertParallelBlock):
             continue
