@@ -26,11 +26,13 @@ def test_one_process_logits_and_aux_loss_equal_the_unmodified_model(family: str)
     with torch.no_grad():
         out, want = model(idx, output_router_logits=True), ref(idx, output_router_logits=True)
     torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
-    if want.aux_loss is not None:
+    if getattr(want, "aux_loss", None) is not None:  # families and versions without one: DeepSeek
         torch.testing.assert_close(out.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-7)
-    assert len(out.router_logits) == len(want.router_logits) > 0  # recording still sees every router
     blocks = [m for m in model.modules() if isinstance(m, ep.hf.ExpertParallelBlock)]
-    assert len(blocks) == len(want.router_logits)
+    if getattr(want, "router_logits", None) is not None:  # recording still sees every router, alike
+        assert len(out.router_logits) == len(want.router_logits) == len(blocks) > 0
+        for got, expected in zip(out.router_logits, want.router_logits, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("world", "ep_size"), [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2xdp2"])

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..comm.distributed import DistContext
@@ -91,13 +92,15 @@ class ExpertParallelBlock(nn.Module):
             raise ValueError(f"hidden_act={config.hidden_act!r} of model_type {config.model_type!r} is not "
                              f"supported: expected one of {sorted(_ACTIVATIONS)}")
         self.gate = gate
+        self.score_func = family.score_func
         self.last_aux: MoEAux | None = None
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         for name in family.shared:
             setattr(self, name, getattr(block, name))
         self.shared_names = family.shared
-        cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=int(gate.top_k), capacity_factor=None,
-                        eval_capacity_factor=None, activation=activation, load_balance_coef=0.0,
+        cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=int(config.num_experts_per_tok),
+                        capacity_factor=None, eval_capacity_factor=None, activation=activation,
+                        load_balance_coef=0.0,
                         z_loss_coef=0.0, dtype=experts.gate_up_proj.dtype, **family.routing(config))
         ep_group = ctx.ep_group if ctx is not None else None
         device = gate.weight.device
@@ -138,8 +141,18 @@ class ExpertParallelBlock(nn.Module):
         if self.training and self.jitter_noise > 0:  # Mixtral: both router and experts see it
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             hidden_states = hidden_states * noise
+        flat_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         gate: Any = self.gate
-        router_logits = gate(hidden_states.reshape(-1, hidden_states.shape[-1]))[0]  # recorded by HF
+        # The family's router still runs: transformers records its output for output_router_logits
+        # and the aux loss. Its first output is the logits in current transformers but the softmax
+        # probabilities in 5.5, so the logits are recomputed here, as the family computes them
+        # (DeepSeek in fp32): one more [T, D] x [D, E] product, small next to the experts.
+        gate(flat_TD)
+        weight = gate.weight
+        if self.score_func == "sigmoid":
+            router_logits = F.linear(flat_TD.float(), weight.float())
+        else:
+            router_logits = F.linear(flat_TD, weight)
         y_BLD, aux = self.moe(hidden_states, router_logits=router_logits)
         self.last_aux = aux  # routing statistics of the last call (expert counts, MaxVio) for logging
         return y_BLD + self._shared(hidden_states)

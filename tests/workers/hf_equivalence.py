@@ -55,7 +55,7 @@ def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None) -> None:
         out = model(mine[:, :-1], output_router_logits=True)
         want = ref(mine[:, :-1], output_router_logits=True)
     close(out.logits, want.logits, f"{family}: logits")
-    if want.aux_loss is not None:
+    if getattr(want, "aux_loss", None) is not None:
         close(out.aux_loss, want.aux_loss, f"{family}: aux_loss")
     # 2. one training step on the global batch
     model.train()
@@ -153,11 +153,20 @@ def check_from_pretrained(model: torch.nn.Module, ctx: ep.DistContext, path: Pat
 
 
 def selections(ref: torch.nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per MoE gate of the reference: selected assignments per expert on ``idx`` (whole batch)."""
+    """Per MoE gate of the reference: selected assignments per expert on ``idx`` (whole batch).
+
+    The gate returns (logits, weights, indices) in current transformers; in 5.5 it returns the logits
+    and its block's route_tokens_to_experts picks the experts.
+    """
     counts: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: counts.__setitem__(
-                 n, torch.bincount(out[2].reshape(-1), minlength=mod.num_experts)))
-             for n, m in ref.named_modules() if n.endswith("mlp.gate")]
+
+    def record(name: str, block: torch.nn.Module, out: object) -> None:
+        chosen = out[2] if isinstance(out, tuple) else block.route_tokens_to_experts(out)[0]
+        counts[name] = torch.bincount(chosen.reshape(-1), minlength=block.experts.gate_up_proj.shape[0])
+
+    blocks = [n for n, m in ref.named_modules() if n.endswith(".mlp") and hasattr(m, "experts")]
+    hooks = [ref.get_submodule(n).gate.register_forward_hook(
+                 lambda mod, args, out, n=n: record(n + ".gate", ref.get_submodule(n), out)) for n in blocks]
     with torch.no_grad():
         ref(idx)
     for h in hooks:
