@@ -103,3 +103,20 @@ def test_checkpoints_of_these_models_reshard_across_ep_sizes(tmp_path: Path) -> 
     one = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "hf_checkpoint.py"), "load",
                           str(tmp_path), "--ep-size", "1"], capture_output=True, text=True, timeout=300)
     assert "ALL OK load with 1 ranks" in one.stdout, one.stdout[-2000:] + one.stderr[-2000:]
+
+
+def test_finetune_example_under_the_deepspeed_launcher_matches_torchrun(tmp_path: Path) -> None:
+    """The same fine-tuning run under DeepSpeed's launcher gives torchrun's losses."""
+    from tests.procs import run
+    from tests.test_launchers import free_port, require
+    args = ["--family", "qwen3_moe", "--steps", "4", "--eval-every", "4", "--no-plots"]
+    script = str(ROOT / "examples" / "finetune_hf.py")
+    torchrun(2, ROOT / "examples" / "finetune_hf.py", *args, "--out", str(tmp_path / "torchrun"))
+    log = run([require("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, *args,
+               "--out", str(tmp_path / "deepspeed")], timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    assert "launched by deepspeed" in log, log[-2000:]
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
+              for name in ("torchrun", "deepspeed")}
+    assert len(losses["torchrun"]) == 4
+    for a, b in zip(losses["torchrun"], losses["deepspeed"], strict=True):
+        assert abs(a - b) < 1e-5, losses
