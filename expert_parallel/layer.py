@@ -138,6 +138,7 @@ class MoE(nn.Module):
             if router_logits is None:
                 logits_GSE = self.router.logits(x_TD.reshape(-1, S, D))
             else:
+                self._check_router_logits(router_logits, B * L)
                 logits_GSE = router_logits.to(self.cfg.router_dtype).reshape(-1, S, router_logits.shape[-1])
         if self.check_finite:
             self._check_finite(x_TD, logits_GSE, info)
@@ -253,6 +254,15 @@ class MoE(nn.Module):
                                  f"expected {tuple(expected)}")
             local[name] = value[first:first + count] if name.startswith("experts.") else value
         self.load_state_dict(local)
+
+    def _check_router_logits(self, logits: Tensor, tokens: int) -> None:
+        outputs = self.router.weight.shape[0]
+        if logits.shape[-1] != outputs or logits.numel() != tokens * outputs:
+            raise ValueError(f"MoE router_logits of shape {tuple(logits.shape)} do not fit {tokens} tokens "
+                             f"and {outputs} router outputs")
+        if logits.device != self.router.weight.device:
+            raise ValueError(f"MoE router_logits are on {logits.device}, the layer on "
+                             f"{self.router.weight.device}")
 
     def _check_input(self, x_BLD: Tensor) -> None:
         cfg = self.cfg

@@ -120,3 +120,33 @@ def test_finetune_example_under_the_deepspeed_launcher_matches_torchrun(tmp_path
     assert len(losses["torchrun"]) == 4
     for a, b in zip(losses["torchrun"], losses["deepspeed"], strict=True):
         assert abs(a - b) < 1e-5, losses
+
+
+def test_deepseek_bias_stays_float32_and_shared_when_the_model_is_cast() -> None:
+    model = ep.hf.expert_parallelize(tiny_model("deepseek_v3")).train().to(torch.bfloat16)
+    (block,) = [b for b in model.modules() if isinstance(b, ep.hf.ExpertParallelBlock)]
+    assert block.gate.e_score_correction_bias.dtype == torch.float32
+    assert block.moe.router.expert_bias is block.gate.e_score_correction_bias
+    assert block.moe.router.weight is block.gate.weight
+    idx = torch.arange(16)[None] % 64
+    model(idx, labels=idx).loss.backward()
+    before = block.gate.e_score_correction_bias.clone()
+    ep.update_expert_bias(model)  # a bf16 bias would swallow these 1e-3 steps
+    step = (block.gate.e_score_correction_bias - before).abs()
+    assert (((step - 1e-3).abs() < 1e-6) | (step == 0)).all() and (step > 0).sum() >= 4, step
+
+
+def test_from_pretrained_with_tied_embeddings(tmp_path: Path) -> None:
+    import transformers as tf
+
+    from tests.hf_models import tiny_config
+    config = tiny_config("qwen3_moe")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    plain = tf.AutoModelForCausalLM.from_config(config).eval()
+    plain.save_pretrained(tmp_path)
+    loaded = ep.hf.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    idx = torch.arange(16)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, plain(idx).logits, rtol=1e-5, atol=1e-6)

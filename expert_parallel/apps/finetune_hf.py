@@ -85,6 +85,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     from .. import hf
 
     ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
+    if args.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
+                         f"{ctx.world_size}")
     torch.manual_seed(args.seed)  # every rank builds the same model
     model: Any
     if args.model is not None:

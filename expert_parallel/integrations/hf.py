@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -105,7 +105,7 @@ class ExpertParallelBlock(nn.Module):
         ep_group = ctx.ep_group if ctx is not None else None
         device = gate.weight.device
         with torch.random.fork_rng(devices=[]):  # its own initial weights are replaced below
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)  # the CPU generator only: GPU seeds stay the user's
             self.moe = MoE(cfg, ep_group=ep_group).to(device)
         first, count = self.moe.experts.first, self.moe.experts.num_local
         if local is None:  # this rank's rows of the model's own expert tensors
@@ -132,8 +132,13 @@ class ExpertParallelBlock(nn.Module):
             self.moe.router.expert_bias = bias  # one tensor: update_expert_bias trains the model's own
 
     def _apply(self, fn: Any, recurse: bool = True) -> ExpertParallelBlock:
+        # The bias stays fp32 (a bf16 bias would swallow updates of 1e-3): moved, never cast.
+        bias = getattr(self.gate, "e_score_correction_bias", None)
         super()._apply(fn, recurse)
-        self._link_bias()  # moving buffers makes new tensors: share the gate's again
+        if bias is not None:
+            self.gate.e_score_correction_bias = bias.to(fn(bias[:0]).device)
+        self.moe.router.weight = self.gate.weight  # conversions may swap parameters: share again
+        self._link_bias()
         return self
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -154,7 +159,10 @@ class ExpertParallelBlock(nn.Module):
         else:
             router_logits = F.linear(flat_TD, weight)
         y_BLD, aux = self.moe(hidden_states, router_logits=router_logits)
-        self.last_aux = aux  # routing statistics of the last call (expert counts, MaxVio) for logging
+        # routing statistics of the last call (expert counts, MaxVio) for logging, off the graph
+        self.last_aux = replace(aux, loss=aux.loss.detach(), load_balance_loss=aux.load_balance_loss.detach(),
+                                z_loss=aux.z_loss.detach(), router_entropy=aux.router_entropy.detach(),
+                                seq_balance_loss=aux.seq_balance_loss.detach())
         return y_BLD + self._shared(hidden_states)
 
     def _shared(self, x_BLD: Tensor) -> Tensor | float:
@@ -214,7 +222,11 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     files = _SafetensorsDir(Path(path), str(config.model_type))
     missing, unexpected = model.load_state_dict(files.non_expert_tensors(), strict=False)
-    missing = [k for k in missing if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+               and k not in tied]
+    if tied:
+        model.tie_weights()  # the head shares the embedding again (load_state_dict replaced neither)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: missing {missing}, "
                          f"unexpected {unexpected}")
@@ -260,7 +272,13 @@ class _SafetensorsDir:
     def __init__(self, path: Path, model_type: str) -> None:
         from safetensors import safe_open
 
-        self.files = sorted(path.glob("*.safetensors"))
+        index = path / "model.safetensors.index.json"
+        if index.exists():  # sharded: the files the index names (not stray ones beside them)
+            import json
+
+            self.files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            self.files = sorted(path.glob("*.safetensors"))
         if not self.files:
             raise FileNotFoundError(f"{path} has no .safetensors files")
         self.where: dict[str, Path] = {}
@@ -316,12 +334,13 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     A collective over each block's expert-parallel group: every rank calls it, every rank gets it.
     """
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # a snapshot, not views
+    # A snapshot on the host (not views, nor a second copy of the model on the GPU).
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     for name, block in model.named_modules():
         if not isinstance(block, ExpertParallelBlock):
             continue
         prefix = f"{name}." if name else ""
-        full = block.moe.full_state_dict()  # NOTE: collective (all-gather of the expert rows)
+        full = {k: v.cpu() for k, v in block.moe.full_state_dict().items()}  # NOTE: collective
         state = {k: v for k, v in state.items() if not k.startswith(prefix + "moe.")}
         # ours [E, D, F] / [E, F, D] -> transformers' rows: gate_up_proj [E, 2F, D], down_proj [E, D, F]
         gate_up = torch.cat([full["experts.w_gate"], full["experts.w_in"]], dim=2).transpose(1, 2)
