@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..comm.distributed import DistContext, init_distributed
+from ..comm.distributed import init_distributed
 from ..comm.grads import clip_grad_norm_, sync_gradients, update_expert_bias
-from .train import Traffic, get_batch, load_corpus, step_stats, summarize
+from .train import Traffic, get_batch, held_out_loss, load_corpus, step_stats, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,22 +60,6 @@ def tiny_config(family: str) -> Any:
                                    qk_nope_head_dim=16)
     return tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
                              num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
-
-
-@torch.no_grad()
-def validation_loss(model: Any, ctx: DistContext, val: torch.Tensor, args: argparse.Namespace) -> float:
-    """Mean next-byte loss on 4 fixed held-out batches (the last 10 % of the text), over the world."""
-    model.eval()
-    gen = torch.Generator().manual_seed(args.seed + 12345)
-    local = args.batch_size // ctx.world_size
-    total = torch.zeros((), device=ctx.device)
-    for _ in range(4):
-        x, y = get_batch(val, args.batch_size, args.seq_len, gen)
-        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
-        total += model(x[sl].to(ctx.device), labels=y[sl].to(ctx.device)).loss
-    torch.distributed.all_reduce(total)  # NOTE: collective
-    model.train()
-    return total.item() / (4 * ctx.world_size)
 
 
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +110,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         rec = {"step": step, **stats, "tokens_per_s": args.batch_size * args.seq_len / elapsed}
         if step % args.eval_every == 0 or step == args.steps:
-            rec["val_loss"] = validation_loss(model, ctx, val_data, args)
+            # next-byte loss on 4 fixed held-out batches (the last 10 % of the text)
+            rec["val_loss"] = held_out_loss(model, lambda x, y: model(x, labels=y).loss, ctx, val_data,
+                                            args, batches=4)
         if leader:
             records.append(rec)
             with (args.out / "metrics.jsonl").open("a") as f:

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,20 +176,27 @@ def step_stats(ctx: DistContext, task: Tensor, auxes: list[MoEAux]) -> dict[str,
     return stats
 
 
-@torch.no_grad()
 def evaluate(model: LanguageModel, ctx: DistContext, val: Tensor, args: argparse.Namespace) -> float:
     """Mean validation loss over fixed batches (same on every call), averaged over the world."""
+    return held_out_loss(model, lambda x, y: model.loss(x, y)[0], ctx, val, args, args.eval_batches)
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, loss_of: Callable[[Tensor, Tensor], Tensor], ctx: DistContext,
+                  val: Tensor, args: argparse.Namespace, batches: int) -> float:
+    """Mean of ``loss_of(inputs, targets)`` over ``batches`` fixed batches of ``val`` (the same on
+    every call), each rank on its slice, in eval mode, averaged over the world."""
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 12345)
     local = args.batch_size // ctx.world_size
     total = torch.zeros((), device=ctx.device)
-    for _ in range(args.eval_batches):
+    for _ in range(batches):
         x, y = get_batch(val, args.batch_size, args.seq_len, gen)
         sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
-        total += model.loss(x[sl].to(ctx.device), y[sl].to(ctx.device))[0]
+        total += loss_of(x[sl].to(ctx.device), y[sl].to(ctx.device))
     dist.all_reduce(total)  # NOTE: collective
     model.train()
-    return total.item() / (ctx.world_size * args.eval_batches)
+    return total.item() / (ctx.world_size * batches)
 
 
 def _line(rec: dict[str, Any]) -> str:
