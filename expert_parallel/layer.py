@@ -153,10 +153,8 @@ class MoE(nn.Module):
         shared_TD = self._shared(x_TD)
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
-        selected = dispatched.selected_E_global
-        selected = dispatched.counts_E_global if selected is None else selected
         aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm,
-                      max_violation=max_violation(selected))
+                      max_violation=max_violation(dispatched.selected_E_global))
         return self.dropout(y_TD.reshape(B, L, D)), aux
 
     def _route(self, logits_GSE: Tensor, batch: int | None = None) -> tuple[RoutingPlan, MoEAux]:

@@ -15,13 +15,16 @@ AUX_SCALARS = ("load_balance_loss", "z_loss", "router_entropy", "loss", "dropped
 
 
 def build(overrides: dict, seed: int = 0) -> ep.MoE:
-    """An MoE from BASE + overrides, with non-zero biases so that tests see them."""
+    """An MoE from BASE + overrides, with non-zero biases (and a non-zero expert bias, where the
+    router has one) so that tests see them."""
     torch.manual_seed(seed)
     moe = ep.MoE(ep.MoEConfig(**{**BASE, **overrides}))
     with torch.no_grad():
         for name, p in moe.named_parameters():
             if ".b_" in name:
                 p.normal_()
+        if getattr(moe.router, "expert_bias", None) is not None:
+            moe.router.expert_bias.copy_(torch.randn(moe.cfg.num_experts) * 0.3)
     return moe
 
 

@@ -121,6 +121,15 @@ def test_bfloat16_routes_exactly_like_float32_and_matches_at_bf16_resolution(ove
     assert y.shape == x.shape and aux.z_loss.dtype == torch.float32
 
 
+def same_layer_twice(cfg: dict) -> tuple[ep.MoE, ep.MoE]:
+    """Two fp32 layers with equal weights: one to run under autocast, one as the fp32 reference."""
+    torch.manual_seed(0)
+    moe = ep.MoE(ep.MoEConfig(**cfg))
+    ref = ep.MoE(ep.MoEConfig(**cfg))
+    ref.load_state_dict(moe.state_dict())
+    return moe, ref
+
+
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_fp32_master_weights_under_bf16_autocast(activation: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Autocast: routing and gates in fp32 (decisions equal to the fp32 layer's), expert GEMMs in
@@ -133,10 +142,7 @@ def test_fp32_master_weights_under_bf16_autocast(activation: str, monkeypatch: p
     monkeypatch.setattr(experts_module._CPUGroupedMM, "apply",
                         lambda *a: calls.append(a[0].dtype) or original(*a))
     cfg = dict(d_model=16, d_ff=32, num_experts=4, capacity_factor=None, activation=activation)
-    torch.manual_seed(0)
-    moe = ep.MoE(ep.MoEConfig(**cfg))
-    ref = ep.MoE(ep.MoEConfig(**cfg))
-    ref.load_state_dict(moe.state_dict())
+    moe, ref = same_layer_twice(cfg)
     x = torch.randn(2, 8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, aux, y_ref, aux_ref = check_low_precision(moe, ref, x, autocast=True)
@@ -207,10 +213,7 @@ def test_autocast_keeps_mixing_and_combine_weights_in_fp32(router: str) -> None:
     routing equals fp32's and the outputs sit within bf16 resolution."""
     from expert_parallel.ops.dispatch import combine_rows
     cfg = dict(d_model=16, d_ff=32, num_experts=4, router=router, capacity_factor=1.0)
-    torch.manual_seed(0)
-    moe = ep.MoE(ep.MoEConfig(**cfg))
-    ref = ep.MoE(ep.MoEConfig(**cfg))
-    ref.load_state_dict(moe.state_dict())
+    moe, ref = same_layer_twice(cfg)
     x = torch.randn(2, 8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         check_low_precision(moe, ref, x, autocast=True)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import expert_parallel as ep
+from tests import helpers
 from tests.helpers import compare_with_oracle
 from tests.oracle import oracle_expert_choice_moe, oracle_soft_moe, oracle_topk_moe
 
-BASE = dict(d_model=8, d_ff=12, num_experts=8, top_k=2, min_capacity=1)
+BASE = {**helpers.BASE, "num_experts": 8}
 DEEPSEEK = dict(score_func="sigmoid", bias_update_rate=1e-3, num_expert_groups=4, num_limited_groups=2,
                 route_scale=2.5, num_shared_experts=1, seq_aux_loss_coef=1e-2)
 
@@ -33,16 +34,8 @@ CASES = {
 
 
 def build(overrides: dict, seed: int = 0) -> ep.MoE:
-    """An MoE with non-zero biases and a non-zero expert bias, so that the tests see them."""
-    torch.manual_seed(seed)
-    moe = ep.MoE(ep.MoEConfig(**{**BASE, **overrides}))
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if ".b_" in name:
-                p.normal_()
-        if getattr(moe.router, "expert_bias", None) is not None:
-            moe.router.expert_bias.copy_(torch.randn(8) * 0.3)
-    return moe
+    """tests.helpers.build with this file's 8 experts."""
+    return helpers.build({**BASE, **overrides}, seed)
 
 
 @pytest.mark.parametrize("name", list(CASES))

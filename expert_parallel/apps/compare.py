@@ -69,42 +69,44 @@ def _write_results(parent: Path, summaries: list[dict[str, Any]]) -> None:
                     f"{s['val_loss']:.4f} | {maxvio} | {s['tokens_per_s_median']:,.0f} |")
     (parent / "results.md").write_text("\n".join(rows) + "\n")
     (parent / "results.json").write_text(json.dumps(summaries, indent=2))
-    import matplotlib
+    _plot_val_loss(parent, summaries)
+    _plot_max_violation(parent, summaries)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _records(parent: Path, variant: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (parent / variant / "metrics.jsonl").open()]
+
+
+def _plot_val_loss(parent: Path, summaries: list[dict[str, Any]]) -> None:
+    """val_loss.png: validation curves of every variant."""
+    from .plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in summaries:
-        records = [json.loads(line) for line in (parent / s["variant"] / "metrics.jsonl").open()]
-        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in _records(parent, s["variant"]) if "val_loss" in r]
         ax.plot(*zip(*val, strict=True), "o-", ms=3, label=s["variant"])
     ax.set(xlabel="step", ylabel="validation loss (nats / byte)",
            title="Same steps, same active parameters per token")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(parent / "val_loss.png", dpi=110)
-    plt.close(fig)
-    _plot_max_violation(parent, summaries, plt)
+    save_figure(fig, parent / "val_loss.png")
 
 
-def _plot_max_violation(parent: Path, summaries: list[dict[str, Any]], plt: Any) -> None:
+def _plot_max_violation(parent: Path, summaries: list[dict[str, Any]]) -> None:
     """max_violation.png: MaxVio per step (mean over MoE layers, 10-step moving average)."""
+    from .plots import plt, save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in summaries:
-        records = [json.loads(line) for line in (parent / s["variant"] / "metrics.jsonl").open()]
-        per_step = [sum(r["max_violation"]) / len(r["max_violation"])
-                    for r in records if "max_violation" in r]
+        records = [r for r in _records(parent, s["variant"]) if "max_violation" in r]
+        per_step = [sum(r["max_violation"]) / len(r["max_violation"]) for r in records]
         if not per_step:
             continue
         smooth = [sum(per_step[max(0, i - 9):i + 1]) / len(per_step[max(0, i - 9):i + 1])
                   for i in range(len(per_step))]
-        ax.plot([r["step"] for r in records][:len(smooth)], smooth, lw=1.2, label=s["variant"])
+        ax.plot([r["step"] for r in records], smooth, lw=1.2, label=s["variant"])
     ax.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", ylim=(0, None),
            title="Load imbalance: max expert load / mean - 1 (0 = balanced)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(parent / "max_violation.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, parent / "max_violation.png")

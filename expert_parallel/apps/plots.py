@@ -21,7 +21,8 @@ def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[flo
     return paths
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Writes a figure as a PNG (tight layout, 110 dpi) and closes it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -37,7 +38,7 @@ def _loss(out: Path, records: list[dict[str, Any]]) -> Path:
     ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title="Loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, out / "loss.png")
+    return save_figure(fig, out / "loss.png")
 
 
 def _expert_load(out: Path, records: list[dict[str, Any]]) -> Path:
@@ -53,7 +54,7 @@ def _expert_load(out: Path, records: list[dict[str, Any]]) -> Path:
         fig.colorbar(image, ax=ax, label="share of tokens")
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title("Expert load per layer (share of kept assignments)")
-    return _save(fig, out / "expert_load.png")
+    return save_figure(fig, out / "expert_load.png")
 
 
 def _dropped(out: Path, records: list[dict[str, Any]]) -> Path:
@@ -61,7 +62,7 @@ def _dropped(out: Path, records: list[dict[str, Any]]) -> Path:
     ax.plot([r["step"] for r in records], [r["dropped"] for r in records], lw=1)
     ax.set(xlabel="step", ylabel="dropped fraction", title="Dropped assignments (mean over MoE layers)")
     ax.grid(alpha=0.3)
-    return _save(fig, out / "dropped.png")
+    return save_figure(fig, out / "dropped.png")
 
 
 def _max_violation(out: Path, records: list[dict[str, Any]]) -> Path:
@@ -73,7 +74,7 @@ def _max_violation(out: Path, records: list[dict[str, Any]]) -> Path:
            title="Load imbalance: max expert load / mean - 1 (0 = balanced)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, out / "max_violation.png")
+    return save_figure(fig, out / "max_violation.png")
 
 
 def _traffic(out: Path, traffic: list[list[float]]) -> Path:
@@ -87,4 +88,4 @@ def _traffic(out: Path, traffic: list[list[float]]) -> Path:
     ax.set(xticks=range(world), yticks=range(world), xlabel="to rank", ylabel="from rank",
            title="All-to-all traffic (MiB, dispatch + combine)")
     fig.colorbar(image, ax=ax, label="MiB")
-    return _save(fig, out / "traffic.png")
+    return save_figure(fig, out / "traffic.png")

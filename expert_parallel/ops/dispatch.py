@@ -96,22 +96,22 @@ class Dispatched:
         counts_Re: int64 [R, e], rows per (source rank, local expert); R = 1 in one process.
         plan: the routing plan the rows came from.
         counts_E_global: int64 [E], kept rows per expert summed over the expert-parallel group.
+        selected_E_global: int64 [E], assignments per expert before drops, summed over the
+            expert-parallel group (for MaxVio).
         comm: the traffic report of this call.
         exchange: the split sizes of the exchange (None when nothing was exchanged).
         counts_host: counts_Re flattened on the host, where the dispatcher already copied them
             (the experts' segment loop then needs no device-to-host copy of its own).
-        selected_E_global: int64 [E], assignments per expert before drops, summed over the
-            expert-parallel group (for MaxVio); None means counts_E_global.
     """
 
     x_nD: Tensor
     counts_Re: Tensor
     plan: RoutingPlan
     counts_E_global: Tensor
+    selected_E_global: Tensor
     comm: CommReport
     exchange: ExchangeState | None = None
     counts_host: list[int] | None = None
-    selected_E_global: Tensor | None = None
 
 
 class Dispatcher(Protocol):
