@@ -15,6 +15,9 @@ Each letter has one meaning across the package (tests/test_layering.py holds nam
     n  rows that this rank's experts run
     R  ranks in the expert-parallel group (one source per rank; R = 1 in one process)
     W  ranks in the whole job (world size)
+    V  nodes spanned by the expert-parallel group (hierarchical exchange)
+    U  unique (node, token) rows a rank sends to other nodes (hierarchical exchange)
+    H  routed copies a node proxy forwards inside its node (hierarchical exchange)
     I  input width of a GEMM (D or F)           O  output width of a GEMM (D or F)
 
 The code is layered, and a module imports only from the layers below it (tests/test_layering.py):

@@ -19,6 +19,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 DROP_POLICIES = ("position", "probs")
 SCORE_FUNCS = ("softmax", "sigmoid")
+EXCHANGES = ("flat", "hierarchical")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,6 +111,9 @@ class MoEConfig:
     """Multiply the shared output by sigmoid(x · shared_gate.weight[0]) (Qwen2-MoE)."""
     seq_aux_loss_coef: float = 0.0
     """Weight of DeepSeek-V3's sequence-wise balance loss (MoEAux.seq_balance_loss) in aux.loss."""
+    exchange: str = "flat"
+    """"flat" (one all-to-all, a row per routed copy) or "hierarchical" (a token crosses to each
+    remote node at most once and fans out there; partial outputs are summed inside the node)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", to_dtype("dtype", self.dtype))
@@ -121,6 +125,7 @@ class MoEConfig:
         self._check_reals()
         self._check_modern_routing()
         self._check_shared()
+        self._check_exchange()
 
     def _check_sizes(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "min_capacity", "slots_per_expert"):
@@ -218,6 +223,13 @@ class MoEConfig:
                             ("shared_expert_gate", self.shared_expert_gate)):
             if value and n == 0:
                 raise _fail(name, getattr(self, name), "needs num_shared_experts >= 1")
+
+    def _check_exchange(self) -> None:
+        if self.exchange not in EXCHANGES:
+            raise _fail("exchange", self.exchange, f"expected one of {list(EXCHANGES)}")
+        if self.exchange == "hierarchical" and self.router == "soft":
+            raise _fail("exchange", self.exchange, "the soft router's rows are slot mixes, not token "
+                        "copies, so there is nothing to deduplicate: use exchange='flat'")
 
     # ---- derived values ----
     @property

@@ -10,8 +10,14 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.profiler import record_function
 
-from .comm.distributed import all_gather_cat, check_same_on_all_ranks, fingerprint, group_size_and_rank
-from .comm.exchange import AllToAllDispatcher, guarded, health_group
+from .comm.distributed import (
+    all_gather_cat,
+    check_same_on_all_ranks,
+    fingerprint,
+    group_ranks_per_node,
+    group_size_and_rank,
+)
+from .comm.exchange import AllToAllDispatcher, HierarchicalDispatcher, guarded, health_group
 from .config import MoEConfig
 from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
 from .ops.experts import FeedForward, GroupedExperts, draw_base_seed
@@ -42,6 +48,19 @@ SEED_HINT = (": every rank must build the model after the same torch.manual_seed
              "(data order, dropout) after building it, or give it a torch.Generator of its own")
 
 
+def make_dispatcher(cfg: MoEConfig, ep_group: ProcessGroup, ranks_per_node: int | None) -> Dispatcher:
+    """The expert-parallel dispatcher that ``cfg.exchange`` names (a collective for the first layer)."""
+    P = group_ranks_per_node(ep_group, ranks_per_node)
+    if cfg.exchange == "flat":
+        return AllToAllDispatcher(ep_group, cfg.num_experts, P or 0)
+    if P is None:
+        per_node = ranks_per_node or "LOCAL_WORLD_SIZE"
+        raise ValueError(f"MoEConfig.exchange='hierarchical' needs an expert-parallel group with the same "
+                         f"number of contiguous ranks on every node; ranks "
+                         f"{dist.get_process_group_ranks(ep_group)} with {per_node} ranks per node are not")
+    return HierarchicalDispatcher(ep_group, cfg.num_experts, P)
+
+
 class MoE(nn.Module):
     """A sparse Mixture-of-Experts feed-forward layer.
 
@@ -58,15 +77,20 @@ class MoE(nn.Module):
     Args:
         cfg: the validated layer configuration.
         ep_group: the expert-parallel process group (``ctx.ep_group``); None for one device.
+        ranks_per_node: ranks per node of the job (nodes hold contiguous ranks), for
+            ``cfg.exchange="hierarchical"`` and the traffic report's intra/inter-node split; None
+            takes the launcher's LOCAL_WORLD_SIZE (or its equivalent; one node without a launcher).
 
     Raises:
-        ValueError: num_experts is not divisible by the expert-parallel size, or the ranks of
+        ValueError: num_experts is not divisible by the expert-parallel size; the hierarchical
+            exchange on an expert-parallel group that spans nodes unevenly; or the ranks of
             ``ep_group`` differ in the config, the router's initial weights or the experts' base
             seed (each rank built the model after a different seed): one ``all_gather_object``
             at construction checks all three.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | None = None) -> None:
+    def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | None = None,
+                 ranks_per_node: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.ep_group = ep_group
@@ -92,7 +116,7 @@ class MoE(nn.Module):
         self.check_replicas()
         self.dispatcher: Dispatcher = LocalDispatcher()
         if ep_group is not None and self.ep_size > 1:
-            self.dispatcher = AllToAllDispatcher(ep_group, cfg.num_experts)
+            self.dispatcher = make_dispatcher(cfg, ep_group, ranks_per_node)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def check_replicas(self) -> None:

@@ -30,6 +30,7 @@ BAD = [
     ("dropout", 1.0), ("dropout", -0.2), ("dropout", None),
     ("load_balance_coef", -1e-3), ("z_loss_coef", float("nan")),
     ("dtype", "int32"), ("dtype", torch.int64), ("router_dtype", "fp8"),
+    ("exchange", "tree"), ("exchange", None),
 ]
 
 
@@ -45,6 +46,12 @@ def test_dropless_only_for_token_choice(router: str) -> None:
         ep.MoEConfig(**GOOD, router=router, capacity_factor=None)
     with pytest.raises(ValueError, match="eval_capacity_factor"):
         ep.MoEConfig(**GOOD, router=router, eval_capacity_factor=None)
+
+
+def test_hierarchical_exchange_needs_token_copies() -> None:
+    assert ep.MoEConfig(**GOOD).exchange == "flat"
+    with pytest.raises(ValueError, match=r"MoEConfig\.exchange='hierarchical'.*soft"):
+        ep.MoEConfig(**GOOD, router="soft", exchange="hierarchical")
 
 
 def test_group_size_and_examples_per_group_exclusive() -> None:

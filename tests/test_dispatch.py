@@ -82,3 +82,40 @@ def test_dropped_tokens_get_zero() -> None:
     assert plan.num_kept <= 4
     torch.testing.assert_close(y[kept], x[kept])
     assert torch.all(y[~kept] == 0)
+
+
+def test_dedup_by_node_and_fan_out_oracle() -> None:
+    """Copies deduplicated per (node, token), then fanned out by a proxy: every copy reads its own
+    token's row, and the proxy's order is expert-major."""
+    from expert_parallel.ops.nodes import dedup_by_node, fan_out
+    torch.manual_seed(0)
+    T, E, K, experts_per_node, nodes = 12, 8, 3, 4, 2
+    plan, _, _ = random_plan(1, T, E, K, None)
+    rows = dedup_by_node(plan.token_N, plan.expert_N, T, experts_per_node, nodes)
+    pairs = sorted({(e // experts_per_node, t) for t, e in zip(plan.token_N.tolist(), plan.expert_N.tolist(),
+                                                               strict=True)})
+    assert rows.token_U.tolist() == [t for _, t in pairs]  # one row per (node, token), node-major
+    assert rows.count_V.tolist() == [sum(v == node for v, _ in pairs) for node in range(nodes)]
+    start = [0, int(rows.count_V[0])]
+    for (row, expert), token in zip(rows.meta_N2.tolist(), plan.token_N.tolist(), strict=True):  # own row
+        assert rows.token_U[start[expert // experts_per_node] + row] == token
+    assert rows.meta_N2[:, 1].tolist() == plan.expert_N.tolist()
+    # a proxy that received node 1's block from two sources (the same block twice, here)
+    node1 = plan.expert_N >= experts_per_node
+    meta = rows.meta_N2[node1]
+    n_rows = int(rows.count_V[1])
+    fan = fan_out(torch.cat([meta, meta]), [int(node1.sum())] * 2, [n_rows, n_rows])
+    experts = torch.cat([meta, meta])[fan.order_H, 1]
+    assert torch.all(experts[1:] >= experts[:-1])
+    recv_tokens = torch.cat([rows.token_U[start[1]:], rows.token_U[start[1]:]])
+    expected = torch.cat([plan.token_N[node1], plan.token_N[node1]])[fan.order_H]
+    assert torch.equal(recv_tokens[fan.row_H], expected)
+
+
+def test_comm_report_link_classes() -> None:
+    from expert_parallel.ops.dispatch import CommReport
+    report = CommReport("dropless", (1, 2, 3, 4), (4, 3, 2, 1), 2, 4, rank=1, ranks_per_node=2,
+                        meta_bytes=(0, 0, 12, 0))
+    assert report.sent_bytes == (40, 40, 52, 40)
+    assert report.bytes_by_class == {"self": 40, "intra": 40, "inter": 92}
+    assert CommReport("capacity", (1, 1), (1, 1), 1, 4).bytes_by_class == {"self": 8, "intra": 8, "inter": 0}

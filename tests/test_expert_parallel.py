@@ -25,6 +25,18 @@ def test_expert_parallel_equals_single_device(world: int, ep_size: int) -> None:
     assert "ALL OK 21 under torchrun" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("world, ep_size, per_node, extra", [(4, 4, 2, ["--random", "6", "--seed", "5"]),
+                                                          (4, 2, 1, []), (4, 4, 4, ["--cases", "soft"])],
+                         ids=["2nodes_x2", "ep2xdp2_1pernode", "one_node"])
+def test_hierarchical_exchange_equals_single_device_and_flat(world: int, ep_size: int, per_node: int,
+                                                             extra: list[str]) -> None:
+    """Every case (and seeded random ones) with exchange="hierarchical": equal to the reference (output,
+    gradients, aux, 20 training steps) and to the flat exchange, with no more bytes crossing nodes."""
+    out = torchrun(world, "ep_equivalence.py", "--ep-size", str(ep_size), "--exchange", "hierarchical",
+                   "--ranks-per-node", str(per_node), *extra)
+    assert "ALL OK" in out and " under torchrun" in out, out[-3000:]
+
+
 def test_single_process_mode_and_r1_exchange() -> None:
     out = run([sys.executable, str(WORKERS / "single_process.py")], timeout=300)
     assert "ALL OK" in out, out[-3000:]

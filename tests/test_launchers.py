@@ -54,6 +54,18 @@ def test_torchrun_two_nodes_c10d_loopback() -> None:
     assert any("ALL OK 5 under torchrun with 2 ranks" in out for out in outs), outs
 
 
+def test_hierarchical_exchange_two_node_agents_no_extra_argument() -> None:
+    """Two torchrun agents of 2 ranks each: the hierarchical exchange takes its nodes from torchrun's
+    LOCAL_WORLD_SIZE (no --ranks-per-node) and equals the reference and the flat exchange."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", uuid.uuid4().hex,
+             str(WORKERS / "ep_equivalence.py"), "--ep-size", "4", "--exchange", "hierarchical",
+             "--cases", "topk_k2_dropless", "deepseek_v3_capacity", "expert_choice"]
+    outs = run_all([agent, agent], timeout=300)
+    assert any("ALL OK 4 under torchrun with 4 ranks" in out for out in outs), outs
+
+
 def _netns_supported() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2 (ip) is not installed"

@@ -92,3 +92,15 @@ def test_modern_routing_options_train_at_equal_active_parameters(tmp_path: Path)
         finally:
             dist.destroy_process_group()
     assert active["softmax_aux"] == active["deepseek_v3"], active
+
+
+def test_traffic_split_by_link_class() -> None:
+    """The traffic plot's totals: the diagonal is a rank's copy to itself, same-node pairs are
+    intra-node, the rest inter-node (2 nodes of 2 ranks)."""
+    from expert_parallel.apps.plots import traffic_by_class
+    matrix = [[float(10 * i + j) for j in range(4)] for i in range(4)]
+    split = traffic_by_class(matrix, per_node=2)
+    assert split["self"] == sum(matrix[i][i] for i in range(4))
+    assert split["intra"] == matrix[0][1] + matrix[1][0] + matrix[2][3] + matrix[3][2]
+    assert split["inter"] == sum(map(sum, matrix)) - split["self"] - split["intra"]
+    assert traffic_by_class(matrix, per_node=4)["inter"] == 0.0

@@ -11,7 +11,7 @@ import torch
 
 from .. import __version__
 from ..comm.distributed import default_backend, launch_env
-from . import bench, compare, demo, finetune_hf
+from . import bench, compare, demo, finetune_hf, plan_cluster, scaling
 from . import train as train_lm
 
 
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_arguments(sub.add_parser("bench", help="forward+backward time vs the floor and DeepSpeed"))
     finetune_hf.add_arguments(sub.add_parser(
         "finetune-hf", help="fine-tune a Hugging Face MoE model expert-parallel (the hf extra)"))
+    scaling.add_arguments(sub.add_parser(
+        "scaling", help="flat vs hierarchical vs node-limited exchange on a multi-node job"))
+    plan_cluster.add_arguments(sub.add_parser(
+        "plan-cluster", help="predict all-to-all bytes and time on a cluster (cost model)"))
     sub.add_parser("info", help="print versions and devices")
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         compare.compare(args)
     elif args.command == "bench":
         bench.bench(args)
+    elif args.command == "scaling":
+        scaling.scaling(args)
+    elif args.command == "plan-cluster":
+        print(plan_cluster.plan(args))
     elif args.command == "finetune-hf":
         finetune_hf.finetune(args)
     else:

@@ -126,7 +126,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     if not args.no_plots:
         from .plots import write_plots
-        write_plots(args.out, records, traffic.matrix)
+        write_plots(args.out, records, traffic.matrix, traffic.per_node)
     summary = summarize(records, argparse.Namespace(ffn="moe", router="topk", top_k=0, num_experts=0))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[float]]) -> list[Path]:
-    """loss.png, and for MoE runs expert_load.png, dropped.png, max_violation.png and traffic.png;
+def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[float]],
+                per_node: int = 0) -> list[Path]:
+    """loss.png, and for MoE runs expert_load.png, dropped.png, max_violation.png and traffic.png
+    (``per_node``: ranks per node, for its self / intra-node / inter-node split; 0 = one node);
     returns the paths."""
     paths = [_loss(out, records)]
     if records and "expert_counts" in records[0]:
         paths += [_expert_load(out, records), _dropped(out, records), _max_violation(out, records),
-                  _traffic(out, traffic)]
+                  _traffic(out, traffic, per_node or len(traffic))]
     return paths
 
 
@@ -77,15 +80,43 @@ def _max_violation(out: Path, records: list[dict[str, Any]]) -> Path:
     return save_figure(fig, out / "max_violation.png")
 
 
-def _traffic(out: Path, traffic: list[list[float]]) -> Path:
+def link_class(src: int, dst: int, per_node: int) -> str:
+    """"self", "intra" (same node) or "inter" (another node) for a pair of global ranks."""
+    if src == dst:
+        return "self"
+    return "intra" if src // per_node == dst // per_node else "inter"
+
+
+def traffic_by_class(traffic: list[list[float]], per_node: int) -> dict[str, float]:
+    """Bytes of the matrix summed per link class."""
+    out = dict.fromkeys(("self", "intra", "inter"), 0.0)
+    for src, row in enumerate(traffic):
+        for dst, value in enumerate(row):
+            out[link_class(src, dst, per_node)] += value
+    return out
+
+
+def _traffic(out: Path, traffic: list[list[float]], per_node: int) -> Path:
+    """The rank-to-rank bytes: a rank's copy to itself greyed out (it crosses no link), the colour
+    scale from zero, node boundaries drawn, the self / intra / inter totals in the title."""
     world = len(traffic)
-    fig, ax = plt.subplots(figsize=(1.2 * world + 3, 1.0 * world + 2.5))
+    fig, ax = plt.subplots(figsize=(1.2 * world + 3, 1.0 * world + 2.8))
     mib = [[v / 2**20 for v in row] for row in traffic]
-    image = ax.imshow(mib, cmap="magma")
+    links = [[math.nan if i == j else mib[i][j] for j in range(world)] for i in range(world)]
+    top = max([v for row in links for v in row if not math.isnan(v)], default=0.0)
+    cmap = plt.get_cmap("magma").copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(links, cmap=cmap, vmin=0.0, vmax=max(top, 1e-9))
     for i in range(world):
         for j in range(world):
-            ax.text(j, i, f"{mib[i][j]:.1f}", ha="center", va="center", color="tab:cyan")
+            text = "self\n" + f"{mib[i][j]:.1f}" if i == j else f"{mib[i][j]:.1f}"
+            ax.text(j, i, text, ha="center", va="center", color="black" if i == j else "tab:cyan", fontsize=8)
+    for edge in range(per_node, world, per_node):  # node boundaries
+        ax.axhline(edge - 0.5, color="white", lw=2)
+        ax.axvline(edge - 0.5, color="white", lw=2)
+    split = traffic_by_class(traffic, per_node)
     ax.set(xticks=range(world), yticks=range(world), xlabel="to rank", ylabel="from rank",
-           title="All-to-all traffic (MiB, dispatch + combine)")
-    fig.colorbar(image, ax=ax, label="MiB")
+           title=f"All-to-all traffic, MiB (dispatch + combine)\nself {split['self'] / 2**20:.1f}, "
+                 f"intra-node {split['intra'] / 2**20:.1f}, inter-node {split['inter'] / 2**20:.1f}")
+    fig.colorbar(image, ax=ax, label="MiB between ranks (scale from 0)")
     return save_figure(fig, out / "traffic.png")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from ..comm.distributed import DistContext, init_distributed
+from ..comm.distributed import DistContext, init_distributed, launch_env
 from ..comm.grads import clip_grad_norm_, sync_gradients, update_expert_bias
 from ..config import MoEConfig
 from ..integrations.checkpoint import (
@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--expert-groups", type=int, default=None, help="group-limited routing: G expert groups")
     add("--limited-groups", type=int, default=None, help="group-limited routing: M groups per token")
     add("--seq-aux-coef", type=float, default=0.0, help="weight of the sequence-wise balance loss")
+    add("--exchange", choices=("flat", "hierarchical"), default="flat",
+        help="the all-to-all: flat, or hierarchical (a token crosses to each other node once)")
     add("--d-model", type=int, default=128)
     add("--n-layers", type=int, default=4)
     add("--n-heads", type=int, default=4)
@@ -121,24 +123,33 @@ def model_config(args: argparse.Namespace) -> LMConfig:
 
 def routing_options(args: argparse.Namespace) -> dict[str, Any]:
     """The MoEConfig fields of --score-func, --balance, --route-scale, --shared-experts,
-    --expert-groups / --limited-groups and --seq-aux-coef."""
+    --expert-groups / --limited-groups, --seq-aux-coef and --exchange."""
     return dict(score_func=args.score_func, route_scale=args.route_scale,
                 load_balance_coef=0.01 if args.balance == "aux" else 0.0,
                 bias_update_rate=args.bias_rate if args.balance == "bias" else None,
                 num_shared_experts=args.shared_experts, num_expert_groups=args.expert_groups,
-                num_limited_groups=args.limited_groups, seq_aux_loss_coef=args.seq_aux_coef)
+                num_limited_groups=args.limited_groups, seq_aux_loss_coef=args.seq_aux_coef,
+                exchange=args.exchange if args.router != "soft" else "flat")
 
 
 # ---- metrics ----
 @dataclass
 class Traffic:
-    """All-to-all bytes between ranks, summed over steps and MoE layers: matrix[src][dst]."""
+    """All-to-all bytes between ranks, summed over steps and MoE layers: matrix[src][dst].
+
+    ``per_node``: ranks per node (the launcher's LOCAL_WORLD_SIZE; one node without a launcher),
+    to split the bytes into self (a rank's copy to itself), intra-node and inter-node.
+    """
 
     world: int
     matrix: list[list[float]] = field(default_factory=list)
+    per_node: int = 0
 
     def __post_init__(self) -> None:
         self.matrix = [[0.0] * self.world for _ in range(self.world)]
+        if not self.per_node:
+            launch = launch_env()
+            self.per_node = launch.local_world_size if launch.launcher != "none" else self.world
 
     def add(self, sent_WR: Tensor, ep_size: int) -> None:
         for src in range(self.world):
@@ -297,7 +308,7 @@ def finish(run: Run) -> dict[str, Any]:
     summary = summarize(run.records, args, run.model.active_parameters_per_token()) if run.leader else {}
     if run.leader and not args.no_plots:
         from .plots import write_plots
-        write_plots(out, run.records, run.traffic.matrix)
+        write_plots(out, run.records, run.traffic.matrix, run.traffic.per_node)
     if run.leader:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.export is not None:

@@ -280,6 +280,26 @@ def group_size_and_rank(group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def group_ranks_per_node(group: ProcessGroup, local_world_size: int | None = None) -> int | None:
+    """P: the ranks of ``group`` on each node, or None where the group spans nodes unevenly.
+
+    Nodes hold contiguous blocks of ``local_world_size`` global ranks (the launcher's
+    LOCAL_WORLD_SIZE or its equivalent by default; without a launcher, one node).
+    """
+    if local_world_size is None:
+        launch = launch_env()
+        local_world_size = launch.local_world_size if launch.launcher != "none" else dist.get_world_size()
+    if local_world_size < 1:
+        raise ValueError(f"ranks per node must be >= 1, got {local_world_size}")
+    ranks = dist.get_process_group_ranks(group)
+    nodes = [r // local_world_size for r in ranks]
+    per_node = [nodes.count(v) for v in dict.fromkeys(nodes)]
+    contiguous = all(nodes[i] <= nodes[i + 1] for i in range(len(nodes) - 1))
+    if not contiguous or len(set(per_node)) != 1:
+        return None
+    return per_node[0]
+
+
 def all_gather_cat(x: Tensor, group: ProcessGroup) -> Tensor:
     """Concatenation along dim 0 of ``x`` from every rank of ``group`` (ranks may differ in dim 0)."""
     size = dist.get_world_size(group)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -24,7 +25,16 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ..ops.dispatch import CallInfo, CommReport, Dispatched, ExchangeState, combine_rows, gather_rows
+from ..ops.dispatch import (
+    CallInfo,
+    CommReport,
+    Dispatched,
+    ExchangeState,
+    combine_rows,
+    gather_rows,
+    weighted_sum_rows,
+)
+from ..ops.nodes import dedup_by_node, fan_out
 from ..ops.plan import RoutingPlan
 
 T = TypeVar("T")
@@ -118,10 +128,13 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None, None, None, None
 
 
-def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup,
+def all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup | None,
                info: CallInfo | None = None, phase: str = "all-to-all",
                health: ProcessGroup | None = None) -> Tensor:
-    """Differentiable all_to_all_single over ``group`` (rows of x split by in_splits)."""
+    """Differentiable all_to_all_single over ``group`` (rows of x split by in_splits); a group of
+    one rank (None) keeps x as it is."""
+    if group is None:
+        return x_ND
     if info is not None and info.check_splits:
         check_splits(in_splits, out_splits, group, info, phase, health, x_ND.device)
     out: Tensor = _AllToAll.apply(x_ND, out_splits, in_splits, group, info or CallInfo(), phase, health)
@@ -160,10 +173,11 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
 class AllToAllDispatcher:
     """Dispatcher over an expert-parallel group of R ranks, each holding E / R experts."""
 
-    def __init__(self, group: ProcessGroup, num_experts: int) -> None:
+    def __init__(self, group: ProcessGroup, num_experts: int, ranks_per_node: int = 0) -> None:
         self.group = group
         self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.e = num_experts // self.R
+        self.P = ranks_per_node  # for the traffic report's link classes only (0: one node)
         # NOTE: collective for the first layer on these ranks (every rank builds it), cached after:
         # made now rather than at the first exchange, where a late or dead peer would turn the
         # rendezvous into an unnamed store error (and group creation would sit inside a compiled step).
@@ -204,8 +218,162 @@ class AllToAllDispatcher:
         # 3. The experts take the rows as received: one segment per source rank, expert-major inside.
         mode = "dropless" if plan.capacity is None else "capacity"
         report = CommReport(mode, tuple(send_rows), tuple(recv_rows), D, rows_ND.element_size(),
-                            control_bytes=R * mine_2E.numel() * 8)
+                            control_bytes=R * mine_2E.numel() * 8, rank=self.rank, ranks_per_node=self.P)
         ex = ExchangeState(send_rows, recv_rows, info)
         return Dispatched(recv, recv_Re, plan, counts_E_global=counts_RE.sum(0), comm=report,
                           exchange=ex, counts_host=[c for row in table for c in row[mine]],
                           selected_E_global=selected_RE.sum(0))
+
+
+# Sub-groups of an expert-parallel group (same-node ranks, same-local-index ranks), shared by every
+# layer on those ranks; keyed like the health groups.
+_SUBGROUPS: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {}
+
+
+def subgroup(ranks: list[int], parent: ProcessGroup) -> ProcessGroup | None:
+    """The process group over ``ranks`` (a subset of ``parent``'s): None for one rank, ``parent``
+    itself for all of them, else made once (a collective among ``ranks`` only) and cached."""
+    if len(ranks) == 1:
+        return None
+    if ranks == dist.get_process_group_ranks(parent):
+        return parent
+    key, world = tuple(ranks), dist.group.WORLD
+    cached = _SUBGROUPS.get(key)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    # NOTE: collective among ``ranks`` only. Their rank sets never equal a health group's (those
+    # span a whole expert-parallel group, returned as ``parent`` above), whose hashed name they
+    # would share.
+    made = dist.new_group(list(ranks), use_local_synchronization=True)
+    assert world is not None and made is not None
+    _SUBGROUPS[key] = (world, made)
+    return made
+
+
+@dataclass(frozen=True)
+class NodeExchangeState(ExchangeState):
+    """What the hierarchical combine needs (``send_rows``/``recv_rows``: the inside-node splits).
+
+    Attributes:
+        node_send: unique rows this rank sent to its proxy on each node ([V]).
+        node_recv: unique rows it received, as a proxy, from the source on each node ([V]).
+        token_U: the token of each unique row it sent.
+        row_H: the received unique row of each copy it forwarded (expert order).
+        gate_H: the gate of each copy it forwarded (differentiable).
+    """
+
+    node_send: list[int] = field(default_factory=list)
+    node_recv: list[int] = field(default_factory=list)
+    token_U: Tensor | None = None
+    row_H: Tensor | None = None
+    gate_H: Tensor | None = None
+
+
+class HierarchicalDispatcher:
+    """Dispatcher over V nodes of P ranks that sends each token to each remote node at most once.
+
+    Rank r = v·P + j (node v, local index j). Dispatch: (1) one all-gather of every rank's per-expert
+    and per-node counts gives every split size below (one host copy); (2) over the *rail* group (the
+    ranks with local index j, one per node) each rank sends its unique (node, token) rows to its proxy
+    on that node, with (row, expert) and the gate of every copy; (3) over the *node* group each proxy
+    fans the copies out to the ranks that own their experts. Combine runs the two all-to-alls
+    backwards and sums the gate-weighted copies of a row at the proxy, so one partial output per row
+    crosses back. Math in ``ops.nodes``.
+    """
+
+    def __init__(self, group: ProcessGroup, num_experts: int, ranks_per_node: int) -> None:
+        self.group = group
+        self.R, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.e, self.P, self.V = num_experts // self.R, ranks_per_node, self.R // ranks_per_node
+        self.node, self.local = divmod(self.rank, ranks_per_node)
+        ranks = dist.get_process_group_ranks(group)
+        # NOTE: collectives among the rail's and the node's ranks, for the first layer on them.
+        self.rail = subgroup([ranks[v * self.P + self.local] for v in range(self.V)], group)
+        self.intra = subgroup(ranks[self.node * self.P:(self.node + 1) * self.P], group)
+        self.health = health_group(group)
+
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
+        """Deduplicates the plan's copies per node, sends them to the proxies, fans them out there."""
+        if plan.soft is not None:
+            raise ValueError("the hierarchical exchange needs token copies; the soft router makes slot "
+                             "mixes (use MoEConfig.exchange='flat')")
+        info = info or CallInfo()
+        E, e, P, V = plan.num_experts, self.e, self.P, self.V
+        rows = dedup_by_node(plan.token_N, plan.expert_N, x_TD.shape[0], e * P, V)
+        mine = torch.cat([plan.counts_E, plan.selected_E, rows.count_V])
+        gathered = [torch.empty_like(mine) for _ in range(self.R)]
+        # NOTE: collective: all-gather of the [2E + V] counts over the expert-parallel group.
+        guarded(info, "count exchange", f"{plan.num_kept} copies, {int(rows.token_U.shape[0])} node rows",
+                self.group, lambda: dist.all_gather(gathered, mine, group=self.group), self.health)
+        counts_RE, selected_RE, _ = torch.stack(gathered).split([E, E, V], dim=1)
+        # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
+        sizes = self._sizes(torch.stack(gathered).tolist(), E)
+        x_U = x_TD.index_select(0, rows.token_U)
+        phase = "dispatch to other nodes"
+        recv_U = all_to_all(x_U, sizes["node_recv"], sizes["node_send"], self.rail, info, phase, self.health)
+        meta_H2 = all_to_all(rows.meta_N2, sizes["copies_recv"], sizes["copies_send"], self.rail, info,
+                             f"{phase} (copy metadata)", self.health)
+        gate_H = all_to_all(plan.gate_N, sizes["copies_recv"], sizes["copies_send"], self.rail, info,
+                            f"{phase} (gates)", self.health)
+        fan = fan_out(meta_H2, sizes["copies_recv"], sizes["node_recv"])
+        recv = all_to_all(recv_U.index_select(0, fan.row_H), sizes["intra_recv"], sizes["intra_send"],
+                          self.intra, info, "dispatch inside the node", self.health)
+        counts_Re = counts_RE.view(V, P, E).sum(0)[:, self.rank * e:(self.rank + 1) * e]
+        state = NodeExchangeState(sizes["intra_send"], sizes["intra_recv"], info, sizes["node_send"],
+                                  sizes["node_recv"], rows.token_U, fan.row_H, gate_H[fan.order_H])
+        return Dispatched(recv, counts_Re, plan, counts_E_global=counts_RE.sum(0),
+                          selected_E_global=selected_RE.sum(0), comm=self._report(plan, x_TD, sizes),
+                          exchange=state, counts_host=sizes["counts_host"])
+
+    def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
+        """Outputs back to the proxies, summed per row there, the partial sums back to the tokens."""
+        st = dispatched.exchange
+        if not isinstance(st, NodeExchangeState):
+            raise ValueError("combine got a Dispatched that this hierarchical dispatcher did not make")
+        assert st.row_H is not None and st.gate_H is not None and st.token_U is not None
+        y_H = all_to_all(y_nD, st.send_rows, st.recv_rows, self.intra, st.info, "combine inside the node",
+                         self.health)
+        partial_U = weighted_sum_rows(y_H, st.gate_H, st.row_H, sum(st.node_recv)).to(y_nD.dtype)
+        back_U = all_to_all(partial_U, st.node_send, st.node_recv, self.rail, st.info,
+                            "combine from other nodes", self.health)
+        out_TD = back_U.new_zeros((num_tokens, back_U.shape[-1]),
+                                  dtype=torch.promote_types(back_U.dtype, st.gate_H.dtype))
+        return out_TD.index_add(0, st.token_U, back_U.to(out_TD.dtype))
+
+    def _sizes(self, table: list[list[int]], E: int) -> dict[str, list[int]]:
+        """Every split size of both stages from the all-gathered [R][2E + V] counts (host lists)."""
+        e, P, V, me, node, local = self.e, self.P, self.V, self.rank, self.node, self.local
+        rail = [v * P + local for v in range(V)]  # the sources (and proxies) on my rail, by node
+
+        def copies(src: int, first: int, last: int) -> int:  # src's kept copies for experts [first, last)
+            return sum(table[src][first:last])
+
+        node_experts = slice(node * e * P, (node + 1) * e * P)
+        return {
+            "node_send": [table[me][2 * E + v] for v in range(V)],
+            "node_recv": [table[s][2 * E + node] for s in rail],
+            "copies_send": [copies(me, v * e * P, (v + 1) * e * P) for v in range(V)],
+            "copies_recv": [sum(table[s][node_experts]) for s in rail],
+            "intra_send": [sum(copies(s, o * e, (o + 1) * e) for s in rail)
+                           for o in range(node * P, (node + 1) * P)],
+            "intra_recv": [sum(copies(v * P + j, me * e, (me + 1) * e) for v in range(V)) for j in range(P)],
+            "counts_host": [sum(table[v * P + j][me * e + x] for v in range(V)) for j in range(P)
+                            for x in range(e)],
+        }
+
+    def _report(self, plan: RoutingPlan, x_TD: Tensor, sizes: dict[str, list[int]]) -> CommReport:
+        """Rows to and from each peer over both stages, plus the copies' metadata to the proxies."""
+        P, node, local = self.P, self.node, self.local
+        sent, recv, meta = [0] * self.R, [0] * self.R, [0] * self.R
+        copy_bytes = 8 + plan.gate_N.element_size()  # (row, expert) int32 + the gate
+        for v in range(self.V):
+            sent[v * P + local] += sizes["node_send"][v]
+            recv[v * P + local] += sizes["node_recv"][v]
+            meta[v * P + local] += sizes["copies_send"][v] * copy_bytes
+        for j in range(P):
+            sent[node * P + j] += sizes["intra_send"][j]
+            recv[node * P + j] += sizes["intra_recv"][j]
+        mode = "dropless" if plan.capacity is None else "capacity"
+        return CommReport(mode, tuple(sent), tuple(recv), x_TD.shape[-1], x_TD.element_size(),
+                          control_bytes=self.R * (2 * plan.num_experts + self.V) * 8, rank=self.rank,
+                          ranks_per_node=P, exchange="hierarchical", meta_bytes=tuple(meta))

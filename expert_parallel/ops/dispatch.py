@@ -26,6 +26,8 @@ class CommReport:
     Dispatch sends ``sent_rows[q]`` rows of D elements to peer q and receives ``recv_rows[q]`` rows
     from it; combine sends the received rows back. So over one call this rank sends, and receives,
     ``sent_rows[q] + recv_rows[q]`` rows to and from q. The entry for this rank itself is a local copy.
+    The hierarchical exchange counts both of its stages (to proxies on other nodes, then inside the
+    node), and ``meta_bytes`` adds the per-copy routing metadata it sends with the rows.
 
     Attributes:
         mode: "local" (every expert on this rank), "capacity" or "dropless".
@@ -34,6 +36,10 @@ class CommReport:
         row_elements: D, elements per row.
         element_size: bytes per element.
         control_bytes: bytes of per-expert counts in the count all-gather.
+        rank: this rank's index in the expert-parallel group.
+        ranks_per_node: P, ranks of the group per node (peer q is on node q // P); 0 = one node.
+        exchange: "flat" or "hierarchical".
+        meta_bytes: bytes of routing metadata sent to each peer in dispatch (empty: none).
     """
 
     mode: str
@@ -42,6 +48,10 @@ class CommReport:
     row_elements: int
     element_size: int
     control_bytes: int = 0
+    rank: int = 0
+    ranks_per_node: int = 0
+    exchange: str = "flat"
+    meta_bytes: tuple[int, ...] = ()
 
     @property
     def dispatch_elements(self) -> int:
@@ -52,7 +62,24 @@ class CommReport:
     def sent_bytes(self) -> tuple[int, ...]:
         """Bytes sent to each peer over the call (dispatch + combine; equals the bytes received)."""
         row_bytes = self.row_elements * self.element_size
-        return tuple((s + r) * row_bytes for s, r in zip(self.sent_rows, self.recv_rows, strict=True))
+        meta = self.meta_bytes or (0,) * len(self.sent_rows)
+        return tuple((s + r) * row_bytes + m
+                     for s, r, m in zip(self.sent_rows, self.recv_rows, meta, strict=True))
+
+    def link_class(self, peer: int) -> str:
+        """"self" (a local copy), "intra" (a peer on this rank's node) or "inter" (another node)."""
+        if peer == self.rank:
+            return "self"
+        P = self.ranks_per_node or len(self.sent_rows)
+        return "intra" if peer // P == self.rank // P else "inter"
+
+    @property
+    def bytes_by_class(self) -> dict[str, int]:
+        """Bytes this rank sends over the call, split into "self", "intra" and "inter" (node)."""
+        out = dict.fromkeys(("self", "intra", "inter"), 0)
+        for peer, sent in enumerate(self.sent_bytes):
+            out[self.link_class(peer)] += sent
+        return out
 
 
 @dataclass(frozen=True)
@@ -141,10 +168,11 @@ def _soft_slots(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
     assert plan.soft is not None
     G, S, E = plan.num_groups, plan.tokens_per_group, plan.num_experts
     dispatch_GSJ = plan.soft.dispatch_GSJ
-    x_GSD = x_TD.reshape(G, S, -1).to(torch.promote_types(x_TD.dtype, dispatch_GSJ.dtype))
+    D, per_expert = x_TD.shape[-1], dispatch_GSJ.shape[-1] // E  # explicit sizes: G may be 0
+    x_GSD = x_TD.reshape(G, S, D).to(torch.promote_types(x_TD.dtype, dispatch_GSJ.dtype))
     with autocast_off(x_TD.device):
         slots_GJD = torch.einsum("gsj,gsd->gjd", dispatch_GSJ.to(x_GSD.dtype), x_GSD).to(x_TD.dtype)
-    return slots_GJD.reshape(G, E, -1, x_TD.shape[-1]).transpose(0, 1).reshape(-1, x_TD.shape[-1])
+    return slots_GJD.reshape(G, E, per_expert, D).transpose(0, 1).reshape(E * G * per_expert, D)
 
 
 def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
@@ -157,12 +185,19 @@ def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
     if plan.soft is not None:
         G, E, D = plan.num_groups, plan.num_experts, y_ND.shape[-1]
         combine_GSJ = plan.soft.combine_GSJ
-        y_GJD = y_ND.reshape(E, G, -1, D).transpose(0, 1).reshape(G, -1, D)
+        J = combine_GSJ.shape[-1]  # explicit sizes: G may be 0
+        y_GJD = y_ND.reshape(E, G, J // E, D).transpose(0, 1).reshape(G, J, D)
         y_GJD = y_GJD.to(torch.promote_types(y_ND.dtype, combine_GSJ.dtype))
         with autocast_off(y_ND.device):
             return torch.einsum("gsj,gjd->gsd", combine_GSJ.to(y_GJD.dtype), y_GJD).reshape(num_tokens, D)
-    out_TD: Tensor = _WeightedIndexAdd.apply(y_ND, plan.gate_N, plan.token_N, num_tokens)
-    return out_TD
+    return weighted_sum_rows(y_ND, plan.gate_N, plan.token_N, num_tokens)
+
+
+def weighted_sum_rows(y_ND: Tensor, gate_N: Tensor, index_N: Tensor, num_out: int) -> Tensor:
+    """out[i] = Σ over the rows n with index_N[n] = i of gate_N[n] · y_ND[n] (differentiable in y and
+    gate), summed in the wider dtype of y and the gates."""
+    out: Tensor = _WeightedIndexAdd.apply(y_ND, gate_N, index_N, num_out)
+    return out
 
 
 class _WeightedIndexAdd(torch.autograd.Function):
@@ -233,4 +268,4 @@ class LocalDispatcher:
 
 
 __all__ = ["CallInfo", "Dispatched", "Dispatcher", "ExchangeState", "LocalDispatcher", "combine_rows",
-           "gather_rows"]
+           "gather_rows", "weighted_sum_rows"]

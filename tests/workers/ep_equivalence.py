@@ -21,6 +21,9 @@ import expert_parallel as ep
 
 D, F, E, L = 8, 12, 8, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
+# --exchange / --ranks-per-node: the exchange of every case that has token copies (not soft), and
+# the ranks per node it sees (None: the launcher's LOCAL_WORLD_SIZE)
+LAYOUT: dict = dict(exchange="flat", ranks_per_node=None)
 
 # sigmoid scores, aux-loss-free bias, 2 of 4 expert groups, routed scale, a gated shared expert,
 # the sequence-wise balance loss
@@ -122,11 +125,14 @@ def reference(cfg: ep.MoEConfig, training: bool, block: bool, ctx: ep.DistContex
 
 def run_case(ctx: ep.DistContext, name: str) -> None:
     overrides, training, kind, block = CASES[name]
-    cfg = ep.MoEConfig(**{**dict(d_model=D, d_ff=F, num_experts=E, top_k=2, min_capacity=1), **overrides})
+    exchange = LAYOUT["exchange"] if overrides.get("router") != "soft" else "flat"
+    cfg = ep.MoEConfig(**{**dict(d_model=D, d_ff=F, num_experts=E, top_k=2, min_capacity=1,
+                                 exchange=exchange), **overrides})
     W, r = ctx.world_size, ctx.rank
     # Layout-independent initialisation: same seed, same experts, whatever the layout.
     torch.manual_seed(0)
-    moe = ep.MoE(cfg, ep_group=ctx.ep_group).train(training).to(ctx.device)
+    moe = ep.MoE(cfg, ep_group=ctx.ep_group, ranks_per_node=LAYOUT["ranks_per_node"]).train(training)
+    moe = moe.to(ctx.device)
     ref = reference(cfg, training, block, ctx)
     torch.manual_seed(0)
     for key, value in ep.MoE(cfg).state_dict().items():
@@ -148,6 +154,8 @@ def run_case(ctx: ep.DistContext, name: str) -> None:
 
     y_ref, aux_ref = ref_out[r]
     close(y, y_ref, f"{name}: output")
+    if cfg.exchange == "hierarchical":  # before update_expert_bias moves the bias
+        check_against_flat(moe, cfg, xs[r], y, aux, ctx, name)
     assert x.grad is not None and ref_x[r].grad is not None
     close(x.grad, ref_x[r].grad * W, f"{name}: input grad")
     for field in ("loss", "load_balance_loss", "z_loss", "router_entropy", "dropped_fraction",
@@ -165,6 +173,26 @@ def run_case(ctx: ep.DistContext, name: str) -> None:
     check_grad_norm(moe, ref, ctx, name)
     check_expert_bias(moe, ref, ctx, name)
     check_comm(aux, cfg, sizes[r], training, name, block and ctx.ep_rank == ctx.ep_size - 1)
+
+
+def check_against_flat(moe: ep.MoE, cfg: ep.MoEConfig, x: torch.Tensor, y: torch.Tensor, aux: ep.MoEAux,
+                       ctx: ep.DistContext, name: str) -> None:
+    """The flat exchange on the same weights and input: the same output, and at least as many bytes
+    crossing a node boundary (copies of a token bound for one node cross once when hierarchical)."""
+    flat = ep.MoE(cfg.replace(exchange="flat"), ep_group=ctx.ep_group,
+                  ranks_per_node=LAYOUT["ranks_per_node"]).train(moe.training).to(ctx.device)
+    flat.load_state_dict(moe.state_dict())
+    if cfg.router == "noisy_topk" and moe.training:
+        return  # the noise differs between the two calls
+    y_flat, aux_flat = flat(x)
+    close(y, y_flat, f"{name}: hierarchical vs flat output")
+    assert aux.comm is not None and aux_flat.comm is not None
+    # over the whole group (a proxy carries its node-mates' rows, so single ranks can differ)
+    totals = torch.tensor([aux.comm.bytes_by_class["inter"], aux_flat.comm.bytes_by_class["inter"],
+                           sum(aux.comm.meta_bytes)], dtype=torch.float64, device=ctx.device)
+    torch.distributed.all_reduce(totals, group=ctx.ep_group)
+    inter, inter_flat, meta = totals.tolist()
+    assert inter - meta <= inter_flat, f"{name}: inter-node bytes {inter} - {meta} > flat {inter_flat}"
 
 
 def check_param_grads(moe: ep.MoE, ref: ep.MoE, name: str) -> None:
@@ -217,6 +245,9 @@ def check_comm(aux: ep.MoEAux, cfg: ep.MoEConfig, batch: int, training: bool, na
         kept = round((1 - aux.dropped_fraction.item()) * G * S * cfg.top_k)
     if comm.mode != "local":
         assert comm.mode == ("dropless" if cfg.capacity_factor_for(training) is None else "capacity"), comm
+    assert sum(comm.bytes_by_class.values()) == sum(comm.sent_bytes)
+    if comm.exchange == "hierarchical":
+        return  # rows per peer depend on the deduplication; checked against the flat exchange
     assert sum(comm.sent_rows) == kept, f"{name}: traffic {comm} vs {kept} kept rows"
     if idle and comm.mode != "local":
         assert sum(comm.recv_rows) == 0, f"{name}: idle rank received rows"
@@ -230,10 +261,12 @@ class TwoLayer(nn.Module):
     def __init__(self, group: object | None) -> None:
         super().__init__()
         self.proj = nn.Linear(D, D)
-        base = dict(d_model=D, d_ff=F, num_experts=E, min_capacity=1)
-        self.moe1 = ep.MoE(ep.MoEConfig(**base, top_k=2, capacity_factor=1.0), ep_group=group)  # type: ignore[arg-type]
+        base = dict(d_model=D, d_ff=F, num_experts=E, min_capacity=1, exchange=LAYOUT["exchange"])
+        rpn = LAYOUT["ranks_per_node"]
+        self.moe1 = ep.MoE(ep.MoEConfig(**base, top_k=2, capacity_factor=1.0), ep_group=group,  # type: ignore[arg-type]
+                           ranks_per_node=rpn)
         self.moe2 = ep.MoE(ep.MoEConfig(**base, top_k=1, capacity_factor=None, activation="swiglu"),
-                           ep_group=group)  # type: ignore[arg-type]
+                           ep_group=group, ranks_per_node=rpn)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.proj(x)
@@ -285,7 +318,10 @@ def main() -> int:
     parser.add_argument("--launcher", default="torchrun", help="the launcher this run expects")
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--local_rank", type=int, default=None)  # the DeepSpeed launcher passes it
+    parser.add_argument("--exchange", default="flat", choices=("flat", "hierarchical"))
+    parser.add_argument("--ranks-per-node", type=int, default=None)
     args = parser.parse_args()
+    LAYOUT.update(exchange=args.exchange, ranks_per_node=args.ranks_per_node)
     ctx = ep.init_distributed(ep_size=args.ep_size, backend=args.backend, timeout=120)
     assert ctx.launcher == args.launcher and ctx.backend == args.backend, (ctx.launcher, ctx.backend)
     assert ctx.world_size == ctx.ep_size * ctx.dp_size
@@ -296,6 +332,14 @@ def main() -> int:
             raise AssertionError("num_experts not divisible by ep_size was accepted")
         except ValueError as err:
             assert "num_experts" in str(err)
+    if args.exchange == "hierarchical" and ctx.ep_size == 4:
+        try:  # 3 ranks per node split a group of 4 ranks 3 + 1
+            torch.manual_seed(0)
+            ep.MoE(ep.MoEConfig(d_model=D, d_ff=F, num_experts=E, exchange="hierarchical"),
+                   ep_group=ctx.ep_group, ranks_per_node=3)
+            raise AssertionError("an expert-parallel group spanning nodes unevenly was accepted")
+        except ValueError as err:
+            assert "hierarchical" in str(err) and "ranks per node" in str(err), err
     extra = random_cases(args.random, args.seed)
     CASES.update(extra)
     for name in [*args.cases, *extra]:
