@@ -15,8 +15,9 @@ import torch
 
 ROUTERS = ("topk", "noisy_topk", "expert_choice", "soft")
 TOKEN_CHOICE_ROUTERS = ("topk", "noisy_topk")
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu", "clamped_swiglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU: sigmoid slope, clamp bound
 DROP_POLICIES = ("position", "probs")
 SCORE_FUNCS = ("softmax", "sigmoid")
 EXCHANGES = ("flat", "hierarchical")
@@ -76,11 +77,17 @@ class MoEConfig:
     slots_per_expert: int = 1
     """Soft router: slots per expert."""
     activation: str = "gelu"
-    """Expert activation: "relu", "gelu" (exact erf), "swiglu" or "geglu"."""
+    """Expert activation: "relu", "gelu" (exact erf), "swiglu", "geglu" or "clamped_swiglu" (gpt-oss)."""
+    swiglu_alpha: float = SWIGLU_ALPHA
+    """clamped_swiglu only: the slope alpha of its gate, g * sigmoid(alpha * g)."""
+    swiglu_limit: float = SWIGLU_LIMIT
+    """clamped_swiglu only: the gate is clamped to <= limit, the up projection to [-limit, limit]."""
     normalize_topk: bool = True
     """Renormalise the K gate weights of a token to sum to 1."""
     bias: bool = False
     """Add biases to the expert projections."""
+    router_bias: bool = False
+    """Add a learned bias router.bias [E] to the router logits, x @ W.T + b (gpt-oss)."""
     router_jitter: float = 0.0
     """Epsilon: in training the router input is multiplied by U(1 - eps, 1 + eps)."""
     dropout: float = 0.0
@@ -125,6 +132,7 @@ class MoEConfig:
         self._check_reals()
         self._check_modern_routing()
         self._check_shared()
+        self._check_clamped_swiglu()
         self._check_exchange()
 
     def _check_sizes(self) -> None:
@@ -141,7 +149,7 @@ class MoEConfig:
                               ("drop_policy", DROP_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise _fail(name, getattr(self, name), f"expected one of {list(allowed)}")
-        for name in ("normalize_topk", "bias"):
+        for name in ("normalize_topk", "bias", "router_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "expected True or False")
 
@@ -177,6 +185,15 @@ class MoEConfig:
             value = getattr(self, name)
             if not _is_real(value) or value < 0:
                 raise _fail(name, value, "expected a number >= 0")
+
+    def _check_clamped_swiglu(self) -> None:
+        for name, default in (("swiglu_alpha", SWIGLU_ALPHA), ("swiglu_limit", SWIGLU_LIMIT)):
+            value = getattr(self, name)
+            if not _is_real(value) or value <= 0:
+                raise _fail(name, value, "expected a positive number")
+            if value != default and self.activation != "clamped_swiglu":
+                raise _fail(name, value, f"expected the default {default}: it is used by "
+                            f"activation='clamped_swiglu' only, not activation={self.activation!r}")
 
     def _check_modern_routing(self) -> None:
         if self.score_func not in SCORE_FUNCS:

@@ -109,7 +109,9 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg, base_seed, num_local=local, first=self.ep_rank * local)
         # Always-on shared experts (replicated like the router): keys shared_experts.w_in/w_gate/w_out.
         self.shared_experts = (FeedForward(cfg.d_model, cfg.shared_width, cfg.activation, bias=cfg.bias,
-                                           dtype=cfg.dtype) if cfg.num_shared_experts else None)
+                                           dtype=cfg.dtype, swiglu_alpha=cfg.swiglu_alpha,
+                                           swiglu_limit=cfg.swiglu_limit)
+                               if cfg.num_shared_experts else None)
         self.shared_gate = (nn.Linear(cfg.d_model, 1, bias=False, dtype=cfg.dtype)
                             if cfg.shared_expert_gate else None)
         self.base_seed = base_seed

@@ -18,7 +18,8 @@
 #   --prefix X           name prefix of namespaces and links, default epc$$ (unique per run)
 #   --subnet A.B.C       the nodes get A.B.C.1 .. A.B.C.N, default 10.77.0
 #   --port PORT          rendezvous port on node 0, default 29500
-#   --stats FILE         at the end, write each node link's tc counters (bytes sent) as JSON lines
+#   --stats FILE         at the end, each node link's counters as JSON lines: bytes sent and received
+#                        (the veth's statistics) and bytes sent through its root qdisc (tc -s)
 #   --python PY          the interpreter that runs torchrun, default: python3 on PATH
 # Each node's output is prefixed with [nodeI]. The exit status is the first failing node's.
 set -euo pipefail
@@ -114,7 +115,8 @@ if [[ -n "$STATS" ]]; then
   for ((i = 0; i < NODES; i++)); do
     sent=$(ip netns exec "$(node_ns "$i")" cat /sys/class/net/eth0/statistics/tx_bytes)
     recv=$(ip netns exec "$(node_ns "$i")" cat /sys/class/net/eth0/statistics/rx_bytes)
-    echo "{\"node\": $i, \"tx_bytes\": $sent, \"rx_bytes\": $recv, \"rate\": \"$RATE\"}" >> "$STATS"
+    qdisc=$(ip netns exec "$(node_ns "$i")" tc -s qdisc show dev eth0 | awk '/Sent/ {print $2; exit}')
+    echo "{\"node\": $i, \"tx_bytes\": $sent, \"rx_bytes\": $recv, \"tc_sent_bytes\": ${qdisc:-0}, \"rate\": \"$RATE\"}" >> "$STATS"
   done
 fi
 exit "$status"

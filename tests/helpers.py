@@ -21,7 +21,7 @@ def build(overrides: dict, seed: int = 0) -> ep.MoE:
     moe = ep.MoE(ep.MoEConfig(**{**BASE, **overrides}))
     with torch.no_grad():
         for name, p in moe.named_parameters():
-            if ".b_" in name:
+            if ".b_" in name or name == "router.bias":
                 p.normal_()
         if getattr(moe.router, "expert_bias", None) is not None:
             moe.router.expert_bias.copy_(torch.randn(moe.cfg.num_experts) * 0.3)

@@ -12,12 +12,26 @@ import torch
 import torch.nn.functional as F
 
 
+def clamped_swiglu(cfg, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gated activation, element by element: the gate capped at +limit, the up projection
+    clipped to [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1)."""
+    limit, alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+    out = []
+    for gi, hi in zip(g, h, strict=True):
+        gi = gi if gi <= limit else gi * 0 + limit
+        hi = hi if -limit <= hi <= limit else hi * 0 + (limit if hi > 0 else -limit)
+        out.append(gi / (1 + torch.exp(-alpha * gi)) * (hi + 1))
+    return torch.stack(out)
+
+
 def expert_forward(moe, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """Expert e on one token vector, straight from the formulas of API.md."""
     ex = moe.experts
     act = moe.cfg.activation
     h = x_D @ ex.w_in[e] + (ex.b_in[e] if moe.cfg.bias else 0)
-    if act in ("swiglu", "geglu"):
+    if act == "clamped_swiglu":
+        h = clamped_swiglu(moe.cfg, x_D @ ex.w_gate[e] + (ex.b_gate[e] if moe.cfg.bias else 0), h)
+    elif act in ("swiglu", "geglu"):
         g = x_D @ ex.w_gate[e] + (ex.b_gate[e] if moe.cfg.bias else 0)
         g = F.silu(g) if act == "swiglu" else 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
         h = g * h
@@ -52,7 +66,9 @@ def shared_forward(moe, x_D: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x_D)
     sh = moe.shared_experts
     h = x_D @ sh.w_in + (sh.b_in if cfg.bias else 0)
-    if cfg.activation in ("swiglu", "geglu"):
+    if cfg.activation == "clamped_swiglu":
+        h = clamped_swiglu(cfg, x_D @ sh.w_gate + (sh.b_gate if cfg.bias else 0), h)
+    elif cfg.activation in ("swiglu", "geglu"):
         g = x_D @ sh.w_gate + (sh.b_gate if cfg.bias else 0)
         g = F.silu(g) if cfg.activation == "swiglu" else 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
         h = g * h
@@ -98,6 +114,7 @@ def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, ji
     C = oracle_capacity(cfg, S, training)
     x_TD = x_BLD.reshape(B * L, D)
     W = moe.router.weight.to(cfg.router_dtype)
+    b = moe.router.bias.to(cfg.router_dtype) if cfg.router_bias else 0  # gpt-oss's router bias
     bias_E = getattr(moe.router, "expert_bias", None)
     outputs = []
     balance, zs, ents, counts, dropped = [], [], [], [0] * E, 0
@@ -107,7 +124,7 @@ def oracle_topk_moe(moe, x_BLD: torch.Tensor, training: bool, noise_GSE=None, ji
         xr = xs.to(cfg.router_dtype)
         if jitter_GSD is not None:
             xr = xr * jitter_GSD[g]
-        logits = xr @ W.T
+        logits = xr @ W.T + b
         if noise_GSE is not None:
             std = F.softplus(xr @ moe.router.noise.weight.to(cfg.router_dtype).T)
             logits = logits + noise_GSE[g] * std
@@ -183,7 +200,8 @@ def _group_logits(moe, xs, jitter_SD=None):
     xr = xs.to(moe.cfg.router_dtype)
     if jitter_SD is not None:
         xr = xr * jitter_SD
-    return xr @ moe.router.weight.to(moe.cfg.router_dtype).T
+    b = moe.router.bias.to(moe.cfg.router_dtype) if moe.cfg.router_bias else 0
+    return xr @ moe.router.weight.to(moe.cfg.router_dtype).T + b
 
 
 def _common_aux(cfg, all_logits, balance, dropped, counts):

@@ -19,6 +19,8 @@ EC_CASES = {
                                  bias=True), (2, 8), True),
     "relu_bias": (dict(capacity_factor=1.0, activation="relu", bias=True), (3, 4), True),
     "expert_capacity": (dict(expert_capacity=3), (2, 8), True),
+    "router_bias_clamped_swiglu": (dict(capacity_factor=1.0, router_bias=True, activation="clamped_swiglu",
+                                        swiglu_limit=0.5, bias=True), (2, 8), True),
     "min_capacity_capped_at_S": (dict(min_capacity=10, group_size=4), (2, 8), True),
 }
 
@@ -29,6 +31,8 @@ SOFT_CASES = {
     "geglu_eval_epg": (dict(slots_per_expert=2, activation="geglu", examples_per_group=1), (3, 4),
                        False),
     "relu": (dict(activation="relu"), (1, 6), True),
+    "router_bias_clamped_swiglu": (dict(slots_per_expert=2, router_bias=True, activation="clamped_swiglu",
+                                        swiglu_limit=0.5), (2, 5), True),
 }
 
 

@@ -10,7 +10,7 @@ from expert_parallel.ops.experts import GroupedExperts
 from expert_parallel.ops.experts import ffn as expert_ffn
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu", "clamped_swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_expert_equals_feedforward(activation: str, bias: bool) -> None:
     """E=1, K=1, capacity >= tokens: the MoE is exactly the dense FFN (outputs and gradients)."""
@@ -110,7 +110,7 @@ def test_full_state_dict_round_trip_and_bad_state_dicts() -> None:
         dst.load_full_state_dict({**good, "router.weight": torch.zeros(4, 9)})
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "clamped_swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_segmented_rows_equal_a_per_row_loop(activation: str, bias: bool) -> None:
     """Rows ordered (segment, expert), with repeated experts and empty segments: outputs and every

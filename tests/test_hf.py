@@ -48,7 +48,8 @@ def test_a_model_without_moe_blocks_is_refused() -> None:
     import transformers as tf
     model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4))
-    with pytest.raises(ValueError, match=r"model_type 'llama' has no MoE block.*deepseek_v3.*mixtral"):
+    families = r".*".join(sorted(FAMILIES))  # every supported family is named
+    with pytest.raises(ValueError, match=rf"model_type 'llama' has no MoE block.*{families}"):
         ep.hf.expert_parallelize(model)
 
 
@@ -122,8 +123,9 @@ def test_finetune_example_under_the_deepspeed_launcher_matches_torchrun(tmp_path
         assert abs(a - b) < 1e-5, losses
 
 
-def test_deepseek_bias_stays_float32_and_shared_when_the_model_is_cast() -> None:
-    model = ep.hf.expert_parallelize(tiny_model("deepseek_v3")).train().to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_deepseek_bias_stays_float32_and_shared_when_the_model_is_cast(family: str) -> None:
+    model = ep.hf.expert_parallelize(tiny_model(family)).train().to(torch.bfloat16)
     (block,) = [b for b in model.modules() if isinstance(b, ep.hf.ExpertParallelBlock)]
     assert block.gate.e_score_correction_bias.dtype == torch.float32
     assert block.moe.router.expert_bias is block.gate.e_score_correction_bias
@@ -150,3 +152,37 @@ def test_from_pretrained_with_tied_embeddings(tmp_path: Path) -> None:
     idx = torch.arange(16)[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx).logits, plain(idx).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt_oss_block_returns_the_router_scores_and_shares_the_router() -> None:
+    """gpt-oss's MLP returns (y, router top-k scores); the router's weight and bias stay ours through a
+    cast, and train: one step moves the model's own router bias."""
+    ref = tiny_model("gpt_oss")
+    model = ep.hf.expert_parallelize(copy.deepcopy(ref))
+    block, want = model.model.layers[0].mlp, ref.model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        (y, scores), (y_ref, scores_ref) = block(x), want(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scores, scores_ref) and scores.shape == (10, 2)
+    model.to(torch.float64)
+    assert block.moe.router.weight is block.router.weight and block.moe.router.bias is block.router.bias
+    assert block.router.bias.dtype == torch.float64
+    before = block.router.bias.detach().clone()
+    idx = torch.arange(16)[None] % 64
+    model.train()(idx, labels=idx).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(block.router.bias, before)
+
+
+def test_quantized_gpt_oss_experts_are_refused_by_from_pretrained(tmp_path: Path) -> None:
+    """gpt-oss's released checkpoints hold MXFP4 experts (*_blocks, *_scales): a clear ValueError."""
+    from safetensors.torch import load_file, save_file
+    tiny_model("gpt_oss").save_pretrained(tmp_path)
+    (file,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(file)
+    for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
+        tensors[key + "_blocks"] = tensors.pop(key).to(torch.uint8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"quantised .*gate_up_proj_blocks.*Mxfp4Config\(dequantize=True\)"):
+        ep.hf.from_pretrained(tmp_path)

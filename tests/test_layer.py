@@ -62,8 +62,9 @@ def test_drop_policies_differ() -> None:
     assert not torch.allclose(ys[0], ys[1])
 
 
-def test_noisy_topk_training_matches_oracle_with_same_noise() -> None:
-    moe = build(dict(router="noisy_topk", capacity_factor=0.75, router_jitter=0.1))
+@pytest.mark.parametrize("router_bias", [False, True])
+def test_noisy_topk_training_matches_oracle_with_same_noise(router_bias: bool) -> None:
+    moe = build(dict(router="noisy_topk", capacity_factor=0.75, router_jitter=0.1, router_bias=router_bias))
     with torch.no_grad():
         moe.router.noise.weight.normal_()
     x = torch.randn(2, 8, BASE["d_model"])

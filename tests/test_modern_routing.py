@@ -30,6 +30,15 @@ CASES = {
     "deepseek_v3_dropless": dict(DEEPSEEK, capacity_factor=None),
     "deepseek_v3_capacity": dict(DEEPSEEK, capacity_factor=0.75, activation="swiglu"),
     "deepseek_v3_groups_of_sequences": dict(DEEPSEEK, capacity_factor=1.0, group_size=6),
+    "router_bias": dict(router_bias=True, capacity_factor=0.75),
+    "router_bias_sigmoid_groups": dict(router_bias=True, score_func="sigmoid", num_expert_groups=4,
+                                       num_limited_groups=2, capacity_factor=None),
+    "clamped_swiglu": dict(activation="clamped_swiglu", swiglu_alpha=1.5, swiglu_limit=0.5,
+                           capacity_factor=0.75),
+    "clamped_swiglu_shared": dict(activation="clamped_swiglu", num_shared_experts=1, bias=True,
+                                  swiglu_alpha=1.2, swiglu_limit=0.4, capacity_factor=None),
+    "gpt_oss": dict(router_bias=True, activation="clamped_swiglu", bias=True, swiglu_limit=0.5,
+                    capacity_factor=None),
 }
 
 
@@ -65,6 +74,24 @@ def test_the_cases_exercise_what_they_name() -> None:
         if other.router.expert_bias is not None:
             other.router.expert_bias.copy_(torch.randn(8) * 0.3)
         assert not torch.allclose(other(x)[0], plain(x)[0]), extra
+
+
+def test_router_bias_and_the_clamp_change_the_output() -> None:
+    """gpt-oss's router bias moves the routing, and its clamp bites at the limit used above (else the
+    cases with them would test nothing); the bias is a trained replicated parameter, zero at first."""
+    x = torch.randn(3, 4, BASE["d_model"])
+    plain = build(dict(capacity_factor=None))
+    biased = build(dict(capacity_factor=None, router_bias=True))
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        biased.router.bias.zero_()
+        assert torch.equal(biased(x)[0], plain(x)[0])
+        biased.router.bias.copy_(torch.randn(8))
+        assert not torch.equal(biased.router(x).indices, plain.router(x).indices)
+    assert "router.bias" in biased.state_dict() and biased.router.bias.requires_grad
+    clamped = build(dict(activation="clamped_swiglu", swiglu_limit=0.5, capacity_factor=None))
+    loose = build(dict(activation="clamped_swiglu", swiglu_limit=100.0, capacity_factor=None))
+    assert not torch.allclose(clamped(x)[0], loose(x)[0])
 
 
 def test_group_limited_routing_reaches_at_most_m_groups() -> None:
@@ -160,6 +187,11 @@ def test_training_with_the_bias_balances_the_load() -> None:
     (dict(num_shared_experts=1, shared_d_ff=0), "shared_d_ff"),
     (dict(seq_aux_loss_coef=-0.1), "seq_aux_loss_coef"),
     (dict(router="expert_choice", seq_aux_loss_coef=0.1), "seq_aux_loss_coef"),
+    (dict(router_bias=1), "router_bias"),
+    (dict(activation="clamped_swiglu", swiglu_alpha=0.0), "swiglu_alpha"),
+    (dict(activation="clamped_swiglu", swiglu_limit=float("inf")), "swiglu_limit"),
+    (dict(activation="clamped_swiglu", swiglu_limit="7"), "swiglu_limit"),
+    (dict(activation="swiglu", swiglu_limit=3.0), "swiglu_limit"),  # another activation ignores it
 ])
 def test_bad_values_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"MoEConfig.{field}="):

@@ -305,9 +305,11 @@ class HierarchicalDispatcher:
         # NOTE: collective: all-gather of the [2E + V] counts over the expert-parallel group.
         guarded(info, "count exchange", f"{plan.num_kept} copies, {int(rows.token_U.shape[0])} node rows",
                 self.group, lambda: dist.all_gather(gathered, mine, group=self.group), self.health)
-        counts_RE, selected_RE, _ = torch.stack(gathered).split([E, E, V], dim=1)
-        # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        sizes = self._sizes(torch.stack(gathered).tolist(), E)
+        table = torch.stack(gathered)  # [R, 2E + V]
+        counts_RE, selected_RE, _ = table.split([E, E, V], dim=1)
+        # NOTE: host-device sync (split sizes are needed on the host); dedup_by_node's torch.unique
+        # is the other one on GPUs.
+        sizes = self._sizes(table.tolist(), E)
         x_U = x_TD.index_select(0, rows.token_U)
         phase = "dispatch to other nodes"
         recv_U = all_to_all(x_U, sizes["node_recv"], sizes["node_send"], self.rail, info, phase, self.health)

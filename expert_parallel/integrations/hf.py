@@ -4,10 +4,13 @@
 replaces each, in place, with an :class:`ExpertParallelBlock`: the family's own router module (kept,
 so ``output_router_logits`` recording and HF's aux loss work as before; its logits feed our routing),
 an ``ep.MoE`` configured with the family's routing semantics that holds this rank's E / ep_size
-experts (converted from transformers' fused ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F]),
-and the family's shared experts, replicated. Attention, dense layers and embeddings are untouched.
+experts (converted from transformers' fused ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F],
+or gpt-oss's interleaved [E, D, 2F] and [E, F, D] with biases), and the family's shared experts,
+replicated. Attention, dense layers and embeddings are untouched.
 
-Families (``config.model_type``): mixtral, qwen2_moe, qwen3_moe, deepseek_v3.
+Families (``config.model_type``): mixtral, qwen2_moe, qwen3_moe, olmoe, qwen3_next (softmax top-k),
+deepseek_v3, glm4_moe (sigmoid, groups, expert bias), gpt_oss (router bias, expert biases, clamped
+SwiGLU, interleaved gate/up columns).
 """
 
 from __future__ import annotations
@@ -35,19 +38,95 @@ except ImportError as err:  # pragma: no cover - exercised by a subprocess test
                       "pip install \"expert-parallel[hf]\"") from err
 
 
+class ExpertLayout:
+    """How a family stores its experts (transformers' fused tensors), and the conversion to and from
+    ours (``w_gate``, ``w_in`` [E, D, F], ``w_out`` [E, F, D], biases ``b_gate``, ``b_in`` [E, F],
+    ``b_out`` [E, D])."""
+
+    names: ClassVar[tuple[str, ...]]
+    """The expert tensors of the family's ``experts`` module (all indexed by expert first)."""
+
+    def sizes(self, experts: Any) -> tuple[int, int, int]:
+        """(E, D, F) of the family's experts module."""
+        raise NotImplementedError
+
+    def to_ours(self, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Our expert tensors from the family's (any leading rows: all experts, or this rank's)."""
+        raise NotImplementedError
+
+    def to_hf(self, ours: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The family's expert tensors from ours (contiguous copies)."""
+        raise NotImplementedError
+
+
+class HalvesLayout(ExpertLayout):
+    """transformers' usual layout: ``gate_up_proj`` [E, 2F, D] (the gate's F rows, then the up
+    projection's) and ``down_proj`` [E, D, F], applied as ``linear(x, W) = x @ W.T``."""
+
+    names = ("gate_up_proj", "down_proj")
+
+    def sizes(self, experts: Any) -> tuple[int, int, int]:
+        E, twoF, D = experts.gate_up_proj.shape
+        return E, D, twoF // 2
+
+    def to_ours(self, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+        gate_up, down = hf["gate_up_proj"], hf["down_proj"]  # [e, 2F, D], [e, D, F]
+        F = gate_up.shape[1] // 2
+        return {"w_gate": gate_up[:, :F].transpose(1, 2), "w_in": gate_up[:, F:].transpose(1, 2),
+                "w_out": down.transpose(1, 2)}
+
+    def to_hf(self, ours: dict[str, Tensor]) -> dict[str, Tensor]:
+        gate_up = torch.cat([ours["w_gate"], ours["w_in"]], dim=2).transpose(1, 2)
+        return {"gate_up_proj": gate_up.contiguous(), "down_proj": ours["w_out"].transpose(1, 2).contiguous()}
+
+
+class InterleavedLayout(ExpertLayout):
+    """gpt-oss: ``gate_up_proj`` [E, D, 2F] whose gate and up columns alternate (gate ``[..., ::2]``,
+    up ``[..., 1::2]``), ``gate_up_proj_bias`` [E, 2F] alike, ``down_proj`` [E, F, D] and
+    ``down_proj_bias`` [E, D], applied as ``x @ W + b``."""
+
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+    def sizes(self, experts: Any) -> tuple[int, int, int]:
+        E, D, twoF = experts.gate_up_proj.shape
+        return E, D, twoF // 2
+
+    def to_ours(self, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+        gate_up, bias = hf["gate_up_proj"], hf["gate_up_proj_bias"]
+        return {"w_gate": gate_up[..., ::2], "w_in": gate_up[..., 1::2], "w_out": hf["down_proj"],
+                "b_gate": bias[:, ::2], "b_in": bias[:, 1::2], "b_out": hf["down_proj_bias"]}
+
+    def to_hf(self, ours: dict[str, Tensor]) -> dict[str, Tensor]:
+        def interleave(gate: Tensor, up: Tensor) -> Tensor:  # [..., F] twice -> [..., 2F]
+            return torch.stack([gate, up], dim=-1).flatten(-2)
+
+        return {"gate_up_proj": interleave(ours["w_gate"], ours["w_in"]),
+                "gate_up_proj_bias": interleave(ours["b_gate"], ours["b_in"]),
+                "down_proj": ours["w_out"].contiguous(), "down_proj_bias": ours["b_out"].contiguous()}
+
+
+HALVES, INTERLEAVED = HalvesLayout(), InterleavedLayout()
+EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")  # every layout's
+
+
 @dataclass(frozen=True)
 class Family:
-    """How a transformers model family routes (the MoEConfig fields that differ between them)."""
+    """How a transformers model family routes and stores its experts (what differs between them)."""
 
     score_func: str
-    shared: tuple[str, ...]  # attribute names of the block's shared-expert modules, in call order
+    shared: tuple[str, ...] = ()  # attribute names of the block's shared-expert modules, in call order
     expert_bias: bool = False  # DeepSeek's e_score_correction_bias
+    router: str = "gate"  # attribute name of the block's router module
+    router_bias: bool = False  # the router's logits are x @ W.T + b (gpt-oss)
+    layout: ExpertLayout = HALVES
+    activation: str | None = None  # None: from config.hidden_act (silu -> swiglu, gelu -> geglu)
+    returns_scores: bool = False  # the block returns (y, the router's top-k scores) (gpt-oss)
 
     def routing(self, config: Any) -> dict[str, Any]:
         """MoEConfig routing fields from the model's config."""
-        fields: dict[str, Any] = {"score_func": self.score_func,
+        fields: dict[str, Any] = {"score_func": self.score_func, "router_bias": self.router_bias,
                                   "normalize_topk": bool(getattr(config, "norm_topk_prob", True))}
-        if self.score_func == "sigmoid":  # DeepSeek-V3
+        if self.score_func == "sigmoid":  # DeepSeek-V3, GLM-4.5
             fields.update(route_scale=float(config.routed_scaling_factor))
             if getattr(config, "n_group", None) and getattr(config, "topk_group", None):
                 fields.update(num_expert_groups=config.n_group, num_limited_groups=config.topk_group)
@@ -55,122 +134,168 @@ class Family:
             fields["bias_update_rate"] = 1e-3  # DeepSeek-V3's γ; the bias itself is the model's buffer
         return fields
 
+    def expert_fields(self, config: Any, experts: Any) -> dict[str, Any]:
+        """MoEConfig expert fields (activation, biases) from the model's config and experts module."""
+        if self.activation == "clamped_swiglu":  # gpt-oss: the experts' own alpha and limit (from the
+            # config in current transformers; 5.5 fixes them at 1.702 and 7.0 whatever the config says)
+            alpha = experts.alpha if hasattr(experts, "alpha") else config.swiglu_alpha
+            limit = experts.limit if hasattr(experts, "limit") else config.swiglu_limit
+            return {"activation": "clamped_swiglu", "bias": True, "swiglu_alpha": float(alpha),
+                    "swiglu_limit": float(limit)}
+        activation = _ACTIVATIONS.get(str(config.hidden_act))
+        if activation is None:
+            raise ValueError(f"hidden_act={config.hidden_act!r} of model_type {config.model_type!r} is not "
+                             f"supported: expected one of {sorted(_ACTIVATIONS)}")
+        return {"activation": activation}
+
 
 FAMILIES = {
-    "mixtral": Family("softmax", ()),
-    "qwen3_moe": Family("softmax", ()),
+    "mixtral": Family("softmax"),
+    "qwen3_moe": Family("softmax"),
+    "olmoe": Family("softmax"),
     "qwen2_moe": Family("softmax", ("shared_expert", "shared_expert_gate")),
+    "qwen3_next": Family("softmax", ("shared_expert", "shared_expert_gate")),
     "deepseek_v3": Family("sigmoid", ("shared_experts",), expert_bias=True),
+    "glm4_moe": Family("sigmoid", ("shared_experts",), expert_bias=True),
+    "gpt_oss": Family("softmax", router="router", router_bias=True, layout=INTERLEAVED,
+                      activation="clamped_swiglu", returns_scores=True),
 }
 _ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu"}  # transformers' hidden_act -> our gated activation
 
 
-def _is_moe_block(module: nn.Module) -> bool:
+def _is_moe_block(module: nn.Module, family: Family) -> bool:
     experts = getattr(module, "experts", None)
-    return (hasattr(module, "gate") and hasattr(module.gate, "weight")
-            and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"))
+    router = getattr(module, family.router, None)
+    return (hasattr(router, "weight") and hasattr(experts, "gate_up_proj")
+            and hasattr(experts, "down_proj"))
+
+
+def _moe_blocks(model: nn.Module, model_type: str) -> tuple[Family, list[tuple[str, Any]]]:
+    """The family of ``model_type`` and the model's sparse MoE blocks (name, module).
+
+    Raises ValueError naming the supported families when there is no such block.
+    """
+    family = FAMILIES.get(model_type)
+    blocks = [(n, m) for n, m in model.named_modules() if _is_moe_block(m, family)] if family else []
+    if family is None or not blocks:
+        raise ValueError(f"model_type {model_type!r} has no MoE block that expert_parallel recognises; "
+                         f"supported families: {sorted(FAMILIES)}")
+    return family, blocks
+
+
+def _local_count(name: str, block: Any, family: Family, ep_size: int) -> int:
+    """Experts per rank of ``block``; ValueError if they do not divide evenly."""
+    E = family.layout.sizes(block.experts)[0]
+    if E % ep_size:
+        raise ValueError(f"{name}: {E} experts are not divisible by the expert-parallel size {ep_size}")
+    return E // ep_size
 
 
 class ExpertParallelBlock(nn.Module):
     """A family's sparse MoE block with its experts sharded: same call signature and return value.
 
-    Submodules: ``gate`` (the family's router, replicated, called for its logits), ``moe`` (an
-    ``ep.MoE`` whose ``router.weight`` is the gate's weight and, for DeepSeek, whose
-    ``router.expert_bias`` is the gate's ``e_score_correction_bias``), and the family's shared experts
-    under their own names.
+    Submodules: the family's router under its own name (``gate``; ``router`` for gpt-oss;
+    replicated, called for its logits), ``moe`` (an ``ep.MoE`` whose ``router.weight`` is the
+    family router's weight, whose ``router.bias`` is its bias (gpt-oss) and, for DeepSeek-V3 and
+    GLM-4.5, whose ``router.expert_bias`` is its ``e_score_correction_bias``), and the family's shared
+    experts under their own names.
     """
 
     def __init__(self, block: Any, family: Family, config: Any, ctx: DistContext | None,
-                 local: tuple[Tensor, Tensor] | None = None) -> None:
+                 local: dict[str, Tensor] | None = None) -> None:
         super().__init__()
         experts: Any = block.experts
-        gate: Any = block.gate
-        E, twoF, D = experts.gate_up_proj.shape
-        F = twoF // 2
-        activation = _ACTIVATIONS.get(str(config.hidden_act))
-        if activation is None:
-            raise ValueError(f"hidden_act={config.hidden_act!r} of model_type {config.model_type!r} is not "
-                             f"supported: expected one of {sorted(_ACTIVATIONS)}")
-        self.gate = gate
-        self.score_func = family.score_func
+        E, D, F = family.layout.sizes(experts)
+        self.router_name, self.layout = family.router, family.layout
+        self.score_func, self.returns_scores = family.score_func, family.returns_scores
+        setattr(self, family.router, getattr(block, family.router))
         self.last_aux: MoEAux | None = None
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         for name in family.shared:
             setattr(self, name, getattr(block, name))
         self.shared_names = family.shared
         cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=int(config.num_experts_per_tok),
-                        capacity_factor=None, eval_capacity_factor=None, activation=activation,
-                        load_balance_coef=0.0,
-                        z_loss_coef=0.0, dtype=experts.gate_up_proj.dtype, **family.routing(config))
+                        capacity_factor=None, eval_capacity_factor=None, load_balance_coef=0.0,
+                        z_loss_coef=0.0, dtype=experts.gate_up_proj.dtype, **family.routing(config),
+                        **family.expert_fields(config, experts))
         ep_group = ctx.ep_group if ctx is not None else None
-        device = gate.weight.device
+        device = self.family_router().weight.device
         with torch.random.fork_rng(devices=[]):  # its own initial weights are replaced below
             torch.default_generator.manual_seed(0)  # the CPU generator only: GPU seeds stay the user's
             self.moe = MoE(cfg, ep_group=ep_group).to(device)
         first, count = self.moe.experts.first, self.moe.experts.num_local
         if local is None:  # this rank's rows of the model's own expert tensors
-            local = (experts.gate_up_proj.detach()[first:first + count],
-                     experts.down_proj.detach()[first:first + count])
-        self._adopt(gate, local, F)
+            local = {name: getattr(experts, name).detach()[first:first + count] for name in self.layout.names}
+        self._adopt(local)
         self.moe.check_replicas()  # the model's router (and bias) must agree across the group
 
-    def _adopt(self, gate: Any, local: tuple[Tensor, Tensor], F: int) -> None:
-        """The gate's weight (and bias buffer) shared; this rank's experts (transformers' layout:
-        gate_up [e, 2F, D], down [e, D, F]) converted and copied."""
-        self.moe.router.weight = gate.weight
-        self._link_bias()
-        gate_up, down = local
-        mine = self.moe.experts.weights()
-        with torch.no_grad():  # linear(x, W) = x @ W.T: [E, F, D] rows become [E, D, F] columns
-            mine["w_gate"].copy_(gate_up[:, :F, :].transpose(1, 2))
-            mine["w_in"].copy_(gate_up[:, F:, :].transpose(1, 2))
-            mine["w_out"].copy_(down.transpose(1, 2))
+    def family_router(self) -> Any:
+        """The family's own router module (``gate``, or ``router`` for gpt-oss)."""
+        return getattr(self, self.router_name)
 
-    def _link_bias(self) -> None:
-        bias = getattr(self.gate, "e_score_correction_bias", None)
-        if bias is not None and getattr(self.moe.router, "expert_bias", None) is not None:
-            self.moe.router.expert_bias = bias  # one tensor: update_expert_bias trains the model's own
+    def _adopt(self, local: dict[str, Tensor]) -> None:
+        """The router's weight (and biases) shared; this rank's experts (the family's layout)
+        converted and copied."""
+        self._share_router()
+        mine = self.moe.experts.weights()
+        with torch.no_grad():
+            for name, value in self.layout.to_ours(local).items():
+                mine[name].copy_(value)
+
+    def _share_router(self) -> None:
+        """One tensor each: the family router's weight (and bias) are ours; DeepSeek's and GLM's
+        e_score_correction_bias is our expert_bias, so update_expert_bias trains the model's own."""
+        router, ours = self.family_router(), self.moe.router
+        ours.weight = router.weight
+        if ours.bias is not None:
+            ours.bias = router.bias
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is not None and getattr(ours, "expert_bias", None) is not None:
+            ours.expert_bias = bias
 
     def _apply(self, fn: Any, recurse: bool = True) -> ExpertParallelBlock:
         # The bias stays fp32 (a bf16 bias would swallow updates of 1e-3): moved, never cast.
-        bias = getattr(self.gate, "e_score_correction_bias", None)
+        router = self.family_router()
+        bias = getattr(router, "e_score_correction_bias", None)
         super()._apply(fn, recurse)
         if bias is not None:
-            self.gate.e_score_correction_bias = bias.to(fn(bias[:0]).device)
-        self.moe.router.weight = self.gate.weight  # conversions may swap parameters: share again
-        self._link_bias()
+            router.e_score_correction_bias = bias.to(fn(bias[:0]).device)
+        self._share_router()  # conversions may swap parameters: share again
         return self
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        """[B, L, D] -> [B, L, D], as the family's block."""
+    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """[B, L, D] -> [B, L, D] (gpt-oss: and the router's top-k scores [B·L, K]), as the family's
+        block."""
         if self.training and self.jitter_noise > 0:  # Mixtral: both router and experts see it
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             hidden_states = hidden_states * noise
         flat_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        gate: Any = self.gate
         # The family's router still runs: transformers records its output for output_router_logits
         # and the aux loss. Its first output is the logits in current transformers but the softmax
         # probabilities in 5.5, so the logits are recomputed here, as the family computes them
-        # (DeepSeek in fp32): one more [T, D] x [D, E] product, small next to the experts.
-        gate(flat_TD)
-        weight = gate.weight
-        if self.score_func == "sigmoid":
-            router_logits = F.linear(flat_TD.float(), weight.float())
-        else:
-            router_logits = F.linear(flat_TD, weight)
-        y_BLD, aux = self.moe(hidden_states, router_logits=router_logits)
+        # (DeepSeek and GLM in fp32): one more [T, D] x [D, E] product, small next to the experts.
+        routed = self.family_router()(flat_TD)
+        y_BLD, aux = self.moe(hidden_states, router_logits=self._logits(flat_TD))
         # routing statistics of the last call (expert counts, MaxVio) for logging, off the graph
         self.last_aux = replace(aux, loss=aux.loss.detach(), load_balance_loss=aux.load_balance_loss.detach(),
                                 z_loss=aux.z_loss.detach(), router_entropy=aux.router_entropy.detach(),
                                 seq_balance_loss=aux.seq_balance_loss.detach())
-        return y_BLD + self._shared(hidden_states)
+        y_BLD = y_BLD + self._shared(hidden_states)
+        return (y_BLD, routed[1]) if self.returns_scores else y_BLD
+
+    def _logits(self, x_TD: Tensor) -> Tensor:
+        """The router logits [T, E] as the family computes them."""
+        router = self.family_router()
+        if self.score_func == "sigmoid":
+            return F.linear(x_TD.float(), router.weight.float())
+        return F.linear(x_TD, router.weight, router.bias if self.moe.cfg.router_bias else None)
 
     def _shared(self, x_BLD: Tensor) -> Tensor | float:
         if not self.shared_names:
             return 0.0
         shared: Any = getattr(self, self.shared_names[0])
         y: Tensor = shared(x_BLD)
-        if len(self.shared_names) > 1:  # Qwen2-MoE's sigmoid gate on the shared expert
+        if len(self.shared_names) > 1:  # Qwen2-MoE's and Qwen3-Next's sigmoid gate on the shared expert
             shared_gate: Any = getattr(self, self.shared_names[1])
             y = torch.sigmoid(shared_gate(x_BLD)) * y
         return y
@@ -186,17 +311,10 @@ def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.M
             the number of experts is not divisible by the expert-parallel size.
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
-    family = FAMILIES.get(str(model_type))
-    blocks = [(name, m) for name, m in model.named_modules() if _is_moe_block(m)]
-    if family is None or not blocks:
-        raise ValueError(f"model_type {model_type!r} has no MoE block that expert_parallel recognises; "
-                         f"supported families: {sorted(FAMILIES)}")
+    family, blocks = _moe_blocks(model, str(getattr(config, "model_type", type(model).__name__)))
     ep_size = ctx.ep_size if ctx is not None else 1
     for name, block in blocks:
-        E = block.experts.gate_up_proj.shape[0]
-        if E % ep_size:
-            raise ValueError(f"{name}: {E} experts are not divisible by the expert-parallel size {ep_size}")
+        _local_count(name, block, family, ep_size)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ExpertParallelBlock(block, family, config, ctx))
@@ -207,23 +325,29 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
     """Loads a local transformers checkpoint directly into the expert-parallel layout.
 
     Each rank reads only its own experts' tensors from the safetensors files (per-expert keys as
-    transformers writes them, or slices of fused ``gate_up_proj`` / ``down_proj``); the model is built
-    with its expert parameters on the meta device, so no rank ever holds every expert. ``kwargs`` go
-    to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``, ``dtype``).
+    transformers writes them, or slices of fused ``gate_up_proj`` / ``down_proj`` (and gpt-oss's
+    biases)); the model is built with its expert parameters on the meta device, so no rank ever holds
+    every expert. ``kwargs`` go to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``,
+    ``dtype``).
+
+    Raises:
+        ValueError: an unsupported family, a checkpoint that does not fit the model (gpt-oss's
+            MXFP4-quantised experts among them), or experts not divisible by the EP size.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    family = FAMILIES.get(str(config.model_type))
-    if family is None:
+    if str(config.model_type) not in FAMILIES:
         raise ValueError(f"model_type {config.model_type!r} has no MoE block that expert_parallel "
                          f"recognises; supported families: {sorted(FAMILIES)}")
     with _experts_on_meta():
         model = AutoModelForCausalLM.from_config(config, **kwargs)
+    family, blocks = _moe_blocks(model, str(config.model_type))
     files = _SafetensorsDir(Path(path), str(config.model_type))
+    files.check_not_quantized()
     missing, unexpected = model.load_state_dict(files.non_expert_tensors(), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    missing = [k for k in missing if not k.endswith(tuple(f"experts.{n}" for n in EXPERT_TENSORS))
                and k not in tied]
     if tied:
         model.tie_weights()  # the head shares the embedding again (load_state_dict replaced neither)
@@ -231,12 +355,9 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
         raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: missing {missing}, "
                          f"unexpected {unexpected}")
     ep_size, ep_rank = (ctx.ep_size, ctx.ep_rank) if ctx is not None else (1, 0)
-    for name, block in [(n, m) for n, m in model.named_modules() if _is_moe_block(m)]:
-        E = block.experts.gate_up_proj.shape[0]
-        if E % ep_size:
-            raise ValueError(f"{name}: {E} experts are not divisible by the expert-parallel size {ep_size}")
-        count = E // ep_size
-        local = files.experts(name, ep_rank * count, count)
+    for name, block in blocks:
+        count = _local_count(name, block, family, ep_size)
+        local = files.experts(name, ep_rank * count, count, family.layout)
         parent_name, _, child = name.rpartition(".")
         new_block = ExpertParallelBlock(block, family, config, ctx, local)
         setattr(model.get_submodule(parent_name), child, new_block)
@@ -245,13 +366,13 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
 
 @contextlib.contextmanager
 def _experts_on_meta() -> Iterator[None]:
-    """While active, parameters named gate_up_proj / down_proj are created on the meta device
-    (transformers has no switch for a part of a model; accelerate's init_empty_weights does the
-    same for every parameter)."""
+    """While active, the experts' parameters (gate_up_proj, down_proj and gpt-oss's biases) are created
+    on the meta device (transformers has no switch for a part of a model; accelerate's
+    init_empty_weights does the same for every parameter)."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and name in ("gate_up_proj", "down_proj"):
+        if param is not None and name in EXPERT_TENSORS:
             param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
@@ -291,12 +412,21 @@ class _SafetensorsDir:
     def _internal(self, key: str) -> str:
         return key.replace(*self.rename) if self.rename else key
 
+    def check_not_quantized(self) -> None:
+        """ValueError for quantised experts (gpt-oss's MXFP4 ``*_blocks`` / ``*_scales``), which this
+        reader does not dequantise."""
+        quantized = sorted(k for k in self.where if ".experts." in k and k.endswith(("_blocks", "_scales")))
+        if quantized:
+            raise ValueError(f"the experts of this checkpoint are quantised ({quantized[0]}, ...): load it "
+                             "with transformers, dequantised (gpt-oss: quantization_config="
+                             "Mxfp4Config(dequantize=True)), then call expert_parallelize")
+
     def non_expert_tensors(self) -> dict[str, Tensor]:
         """Every tensor except the experts', under the model's (internal) names."""
         import re
 
         from safetensors import safe_open
-        expert = re.compile(r"\.experts\.(\d+\.|gate_up_proj$|down_proj$)")
+        expert = re.compile(r"\.experts\.(\d+\.|(gate_up_proj|down_proj)(_bias)?$)")
         out: dict[str, Tensor] = {}
         for file in self.files:
             with safe_open(str(file), "pt") as f:
@@ -305,18 +435,20 @@ class _SafetensorsDir:
                         out[self._internal(key)] = f.get_tensor(key)
         return out
 
-    def experts(self, block: str, first: int, count: int) -> tuple[Tensor, Tensor]:
-        """gate_up [count, 2F, D] and down [count, D, F] of experts [first, first + count) of
-        ``block`` (internal name), read without touching the other experts' bytes."""
+    def experts(self, block: str, first: int, count: int, layout: ExpertLayout) -> dict[str, Tensor]:
+        """The expert tensors (``layout.names``, the family's layout) of experts [first, first + count)
+        of ``block`` (internal name), read without touching the other experts' bytes."""
         from safetensors import safe_open
         disk = {self._internal(k): k for k in self.where}
-        fused = f"{block}.experts.gate_up_proj"
-        if fused in disk:  # a checkpoint in transformers' internal layout: slice the fused tensors
-            tensors = []
-            for name in (fused, f"{block}.experts.down_proj"):
-                with safe_open(str(self.where[disk[name]]), "pt") as f:
-                    tensors.append(f.get_slice(disk[name])[first:first + count])
-            return tensors[0], tensors[1]
+        if f"{block}.experts.gate_up_proj" in disk:  # transformers' internal layout: slice the fused
+            tensors = {}
+            for name in layout.names:
+                key = disk[f"{block}.experts.{name}"]
+                with safe_open(str(self.where[key]), "pt") as f:
+                    tensors[name] = f.get_slice(key)[first:first + count]
+            return tensors
+        if layout is not HALVES:
+            raise ValueError(f"the checkpoint has no {block}.experts.gate_up_proj")
         gate_ups, downs = [], []
         for i in range(first, first + count):
             parts = []
@@ -326,7 +458,7 @@ class _SafetensorsDir:
                     parts.append(f.get_tensor(key))
             gate_ups.append(torch.cat(parts[:2], dim=0))
             downs.append(parts[2])
-        return torch.stack(gate_ups), torch.stack(downs)
+        return {"gate_up_proj": torch.stack(gate_ups), "down_proj": torch.stack(downs)}
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -340,20 +472,19 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if not isinstance(block, ExpertParallelBlock):
             continue
         prefix = f"{name}." if name else ""
-        full = {k: v.cpu() for k, v in block.moe.full_state_dict().items()}  # NOTE: collective
+        full = block.moe.full_state_dict()  # NOTE: collective
+        ours = {k.removeprefix("experts."): v.cpu() for k, v in full.items() if k.startswith("experts.")}
         state = {k: v for k, v in state.items() if not k.startswith(prefix + "moe.")}
-        # ours [E, D, F] / [E, F, D] -> transformers' rows: gate_up_proj [E, 2F, D], down_proj [E, D, F]
-        gate_up = torch.cat([full["experts.w_gate"], full["experts.w_in"]], dim=2).transpose(1, 2)
-        state[prefix + "experts.gate_up_proj"] = gate_up.contiguous()
-        state[prefix + "experts.down_proj"] = full["experts.w_out"].transpose(1, 2).contiguous()
+        for key, value in block.layout.to_hf(ours).items():  # the family's fused tensors
+            state[f"{prefix}experts.{key}"] = value
     return state
 
 
 def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None = None,
                     **kwargs: Any) -> None:
     """Writes a directory that plain transformers loads (``AutoModelForCausalLM.from_pretrained``),
-    without expert_parallel installed: the experts gathered into the family's layout, DeepSeek's
-    trained bias in ``e_score_correction_bias``. Every rank calls it; rank 0 writes.
+    without expert_parallel installed: the experts gathered into the family's layout, DeepSeek's (and
+    GLM's) trained bias in ``e_score_correction_bias``. Every rank calls it; rank 0 writes.
 
     ``kwargs`` go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
     """

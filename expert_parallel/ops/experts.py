@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ACTIVATIONS, GATED_ACTIVATIONS, MoEConfig
+from ..config import ACTIVATIONS, GATED_ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, MoEConfig
 from .precision import autocast_off, compute_dtype
 
 
@@ -26,6 +26,20 @@ def activate(h_ND: Tensor, activation: str) -> Tensor:
     if activation in ("gelu", "geglu"):
         return F.gelu(h_ND)  # exact (erf) GELU
     return F.silu(h_ND)  # swiglu
+
+
+Clamp = tuple[float, float]  # clamped_swiglu's (alpha, limit)
+
+
+def glu(g_NF: Tensor, h_NF: Tensor, activation: str, clamp: Clamp = (SWIGLU_ALPHA, SWIGLU_LIMIT)) -> Tensor:
+    """A gated activation from the gate ``g`` and up ``h`` projections: ``act(g) * h``, or for
+    clamped_swiglu (gpt-oss), with g' = min(g, limit) and h' = clamp(h, -limit, limit),
+    ``g' * sigmoid(alpha * g') * (h' + 1)``."""
+    if activation == "clamped_swiglu":
+        alpha, limit = clamp
+        g_NF = g_NF.clamp(max=limit)
+        return g_NF * torch.sigmoid(alpha * g_NF) * (h_NF.clamp(-limit, limit) + 1)
+    return activate(g_NF, activation) * h_NF
 
 
 def _seeded_generator(base_seed: int, index: int) -> torch.Generator:
@@ -69,11 +83,12 @@ def _add(h: Tensor, b: Tensor) -> Tensor:
 
 
 def ffn(x_ND: Tensor, w: Mapping[str, Tensor], activation: str, mm: MatMul = _matmul,
-        add_bias: MatMul = _add) -> Tensor:
-    """The expert MLP on rows: ``(act(x @ w_gate) * (x @ w_in)) @ w_out`` or ``act(x @ w_in) @ w_out``.
+        add_bias: MatMul = _add, clamp: Clamp = (SWIGLU_ALPHA, SWIGLU_LIMIT)) -> Tensor:
+    """The expert MLP on rows: ``glu(x @ w_gate, x @ w_in) @ w_out`` or ``act(x @ w_in) @ w_out``.
 
     ``w`` holds the tensors by state-dict name (w_in, w_gate, w_out, b_in, b_gate, b_out); ``mm`` and
-    ``add_bias`` let the grouped path use grouped_mm and per-row biases with the same formula.
+    ``add_bias`` let the grouped path use grouped_mm and per-row biases with the same formula;
+    ``clamp`` is clamped_swiglu's (alpha, limit) (:func:`glu`).
     """
     h_NF = mm(x_ND, w["w_in"])
     if "b_in" in w:
@@ -82,7 +97,7 @@ def ffn(x_ND: Tensor, w: Mapping[str, Tensor], activation: str, mm: MatMul = _ma
         g_NF = mm(x_ND, w["w_gate"])
         if "b_gate" in w:
             g_NF = add_bias(g_NF, w["b_gate"])
-        h_NF = activate(g_NF, activation) * h_NF
+        h_NF = glu(g_NF, h_NF, activation, clamp)
     else:
         h_NF = activate(h_NF, activation)
     y_ND = mm(h_NF, w["w_out"])
@@ -266,6 +281,7 @@ class GroupedExperts(nn.Module):
                  first: int = 0) -> None:
         super().__init__()
         self.activation = cfg.activation
+        self.clamp = (cfg.swiglu_alpha, cfg.swiglu_limit)
         self.d_model, self.d_ff = cfg.d_model, cfg.d_ff
         self.first = first
         self.num_local = cfg.num_experts if num_local is None else num_local
@@ -320,7 +336,7 @@ class GroupedExperts(nn.Module):
         # backward all-to-alls that its peers wait in.
         expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: segment_mm(a, b, segs),
-                   add_bias=lambda h, b: h + b[expert_N])
+                   add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
 
     def _expert_of_rows(self, counts_Re: Tensor, x_ND: Tensor) -> Tensor:
         experts_Re = torch.arange(self.num_local, device=x_ND.device).expand_as(counts_Re)
@@ -332,24 +348,27 @@ class GroupedExperts(nn.Module):
         offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
         expert_N = self._expert_of_rows(counts_e[None], x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: grouped_mm(a, b, offs_e),
-                   add_bias=lambda h, b: h + b[expert_N])
+                   add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
 
 
 class FeedForward(nn.Module):
     """Dense feed-forward baseline with the layout of one expert.
 
-    Parameters: ``w_in`` [D, F], ``w_gate`` [D, F] (swiglu / geglu), ``w_out`` [F, D], and with
+    Parameters: ``w_in`` [D, F], ``w_gate`` [D, F] (gated activations), ``w_out`` [F, D], and with
     ``bias`` ``b_in`` [F], ``b_gate`` [F], ``b_out`` [D]: a dense checkpoint upcycles into experts by
-    copying these tensors into every expert row.
+    copying these tensors into every expert row. ``swiglu_alpha`` / ``swiglu_limit``: clamped_swiglu's.
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0,
-                 bias: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 bias: bool = False, dtype: torch.dtype = torch.float32, swiglu_alpha: float = SWIGLU_ALPHA,
+                 swiglu_limit: float = SWIGLU_LIMIT) -> None:
         super().__init__()
         # The config validates the arguments shared with MoE (sizes, activation, dropout, dtype).
-        cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=1, top_k=1,
-                        activation=activation, dropout=dropout, bias=bias, dtype=dtype)
+        cfg = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=1, top_k=1, activation=activation,
+                        dropout=dropout, bias=bias, dtype=dtype, swiglu_alpha=swiglu_alpha,
+                        swiglu_limit=swiglu_limit)
         self.activation, self.d_model = cfg.activation, d_model
+        self.clamp = (cfg.swiglu_alpha, cfg.swiglu_limit)
         self.dropout = nn.Dropout(cfg.dropout)
         for name, value in _init_ffn(d_model, d_ff, cfg.gated, bias, None).items():
             self.register_parameter(name, nn.Parameter(value.to(cfg.dtype)))
@@ -360,8 +379,8 @@ class FeedForward(nn.Module):
             raise ValueError(f"FeedForward expected last dimension d_model={self.d_model}, "
                              f"got input of shape {tuple(x_BLD.shape)}")
         weights: dict[str, Tensor] = dict(self.named_parameters())
-        return self.dropout(ffn(x_BLD, weights, self.activation))
+        return self.dropout(ffn(x_BLD, weights, self.activation, clamp=self.clamp))
 
 
-__all__ = ["ACTIVATIONS", "FeedForward", "GroupedExperts", "activate", "draw_base_seed", "ffn", "segment_mm",
-           "segment_order", "segments"]
+__all__ = ["ACTIVATIONS", "FeedForward", "GroupedExperts", "activate", "draw_base_seed", "ffn", "glu",
+           "segment_mm", "segment_order", "segments"]

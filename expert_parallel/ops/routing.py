@@ -75,19 +75,23 @@ def limit_to_groups(select_XE: Tensor, num_groups: int, num_limited: int) -> Ten
 
 
 class Router(nn.Module):
-    """Base of every router: ``weight`` [outputs, D] and the logits, with optional input jitter.
+    """Base of every router: ``weight`` [outputs, D] (and with ``bias`` a learned ``bias`` [outputs],
+    zero at first) and the logits ``x @ weight.T + bias``, with optional input jitter.
 
     In training the router input is multiplied by U(1 - jitter, 1 + jitter). Logits are computed in
     ``router_dtype`` whatever the dtype of x or of the weight.
     """
 
+    bias: nn.Parameter | None
+
     def __init__(self, d_model: int, num_outputs: int, *, jitter: float = 0.0,
                  router_dtype: torch.dtype | str = torch.float32,
-                 dtype: torch.dtype | str = torch.float32) -> None:
+                 dtype: torch.dtype | str = torch.float32, bias: bool = False) -> None:
         super().__init__()
         self.jitter = jitter
         self.router_dtype = to_dtype("router_dtype", router_dtype)
         self.weight = nn.Parameter((torch.randn(num_outputs, d_model) * 0.02).to(to_dtype("dtype", dtype)))
+        self.bias = nn.Parameter(torch.zeros(num_outputs, dtype=self.weight.dtype)) if bias else None
 
     def router_input(self, x_XD: Tensor) -> Tensor:
         """x in router_dtype, multiplied by the jitter noise in training."""
@@ -97,10 +101,13 @@ class Router(nn.Module):
             x_XD = x_XD * noise
         return x_XD
 
+    def _bias(self) -> Tensor | None:
+        return None if self.bias is None else self.bias.to(self.router_dtype)
+
     def logits(self, x_XD: Tensor) -> Tensor:
         """Routing logits [..., outputs] in router_dtype (also under autocast, which is off here)."""
         with autocast_off(x_XD.device):
-            return F.linear(self.router_input(x_XD), self.weight.to(self.router_dtype))
+            return F.linear(self.router_input(x_XD), self.weight.to(self.router_dtype), self._bias())
 
 
 class TopKRouter(Router):
@@ -112,6 +119,8 @@ class TopKRouter(Router):
     for the selection only; ``ep.update_expert_bias`` moves it by that rate) and ``expert_load`` [E]
     (selected assignments of training forwards since the last update; not in the state dict).
     ``expert_groups = (G, M)`` limits each token to its best M of G contiguous expert groups.
+    With ``bias`` the logits get a learned ``bias`` [E] (gpt-oss's router), which, unlike
+    ``expert_bias``, also moves the gates.
     """
 
     expert_bias: Tensor | None
@@ -122,14 +131,15 @@ class TopKRouter(Router):
                  router_dtype: torch.dtype | str = torch.float32,
                  dtype: torch.dtype | str = torch.float32, score_func: str = "softmax",
                  route_scale: float = 1.0, bias_update_rate: float | None = None,
-                 expert_groups: tuple[int, int] | None = None) -> None:
+                 expert_groups: tuple[int, int] | None = None, bias: bool = False) -> None:
         # Validation of the shared fields lives in one place: MoEConfig.
         G, M = expert_groups if expert_groups is not None else (None, None)
         MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=top_k,
                   normalize_topk=normalize_topk, router_jitter=jitter, score_func=score_func,
                   route_scale=route_scale, bias_update_rate=bias_update_rate, num_expert_groups=G,
-                  num_limited_groups=M)
-        super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype)
+                  num_limited_groups=M, router_bias=bias)
+        super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype,
+                         bias=bias)
         self.num_experts, self.top_k, self.normalize_topk = num_experts, top_k, normalize_topk
         self.score_func, self.route_scale, self.expert_groups = score_func, route_scale, expert_groups
         self.bias_update_rate = bias_update_rate
@@ -147,7 +157,7 @@ class TopKRouter(Router):
         return cls(cfg.d_model, cfg.num_experts, cfg.top_k, normalize_topk=cfg.normalize_topk,
                    jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype,
                    score_func=cfg.score_func, route_scale=cfg.route_scale,
-                   bias_update_rate=cfg.bias_update_rate, expert_groups=groups)
+                   bias_update_rate=cfg.bias_update_rate, expert_groups=groups, bias=cfg.router_bias)
 
     def route(self, logits_XE: Tensor) -> TopKOutput:
         """Experts and gates from logits [..., E] (:func:`topk_from_logits` with this router's options)."""
@@ -183,7 +193,7 @@ class NoisyTopKRouter(TopKRouter):
         """Routing logits, with the learned noise added in training (router_dtype, autocast off)."""
         with autocast_off(x_XD.device):
             x_XD = self.router_input(x_XD)
-            logits_XE = F.linear(x_XD, self.weight.to(self.router_dtype))
+            logits_XE = F.linear(x_XD, self.weight.to(self.router_dtype), self._bias())
             if self.training:
                 std_XE = F.softplus(F.linear(x_XD, self.noise.weight.to(self.router_dtype)))
                 logits_XE = logits_XE + torch.randn_like(logits_XE) * std_XE
@@ -223,12 +233,13 @@ class ExpertChoiceRouter(Router):
                  eval_capacity_factor: float | None = 2.0, expert_capacity: int | None = None,
                  min_capacity: int = 4, jitter: float = 0.0,
                  router_dtype: torch.dtype | str = torch.float32,
-                 dtype: torch.dtype | str = torch.float32) -> None:
+                 dtype: torch.dtype | str = torch.float32, bias: bool = False) -> None:
         self.cfg = MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=1,
                              router="expert_choice", capacity_factor=capacity_factor,
                              eval_capacity_factor=eval_capacity_factor, expert_capacity=expert_capacity,
-                             min_capacity=min_capacity, router_jitter=jitter)
-        super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype)
+                             min_capacity=min_capacity, router_jitter=jitter, router_bias=bias)
+        super().__init__(d_model, num_experts, jitter=jitter, router_dtype=router_dtype, dtype=dtype,
+                         bias=bias)
 
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> ExpertChoiceRouter:
@@ -236,7 +247,8 @@ class ExpertChoiceRouter(Router):
         return cls(cfg.d_model, cfg.num_experts, capacity_factor=cfg.capacity_factor,
                    eval_capacity_factor=cfg.eval_capacity_factor,
                    expert_capacity=cfg.expert_capacity, min_capacity=cfg.min_capacity,
-                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype)
+                   jitter=cfg.router_jitter, router_dtype=cfg.router_dtype, dtype=cfg.dtype,
+                   bias=cfg.router_bias)
 
     def capacity(self, tokens_per_group: int) -> int:
         """C for groups of S tokens in the current mode (before the cap at S)."""
@@ -275,18 +287,18 @@ class SoftRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, *,
                  jitter: float = 0.0, router_dtype: torch.dtype | str = torch.float32,
-                 dtype: torch.dtype | str = torch.float32) -> None:
+                 dtype: torch.dtype | str = torch.float32, bias: bool = False) -> None:
         MoEConfig(d_model=d_model, d_ff=1, num_experts=num_experts, top_k=1, router="soft",
-                  slots_per_expert=slots_per_expert, router_jitter=jitter)
+                  slots_per_expert=slots_per_expert, router_jitter=jitter, router_bias=bias)
         super().__init__(d_model, num_experts * slots_per_expert, jitter=jitter,
-                         router_dtype=router_dtype, dtype=dtype)
+                         router_dtype=router_dtype, dtype=dtype, bias=bias)
         self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
 
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> SoftRouter:
         """The router of an MoE layer built from ``cfg``."""
         return cls(cfg.d_model, cfg.num_experts, cfg.slots_per_expert, jitter=cfg.router_jitter,
-                   router_dtype=cfg.router_dtype, dtype=cfg.dtype)
+                   router_dtype=cfg.router_dtype, dtype=cfg.dtype, bias=cfg.router_bias)
 
     def forward(self, x_GSD: Tensor) -> SoftOutput:
         """Routes groups x [G, S, D]: dispatch and combine weights [G, S, J]."""

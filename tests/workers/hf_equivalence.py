@@ -5,8 +5,9 @@
 For every family: logits and HF's aux_loss on this rank's slice equal the unmodified model's
 (fp32, relative 1e-5); one SGD step with ep.sync_gradients on the global batch equals the unmodified
 model's step on the whole batch (every parameter, experts compared as this rank's slice); for
-DeepSeek-V3, update_expert_bias moves the model's own e_score_correction_bias by the sign rule on the
-global batch's selections. Prints "ALL OK <n>" on rank 0.
+DeepSeek-V3 and GLM-4.5, update_expert_bias moves the model's own e_score_correction_bias by the sign
+rule on the global batch's selections; with --save, save_pretrained -> plain from_pretrained and
+ep.hf.from_pretrained (this rank's experts only). Prints "ALL OK <n>" on rank 0.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import expert_parallel as ep
 from tests.hf_models import FAMILIES, tiny_model
 
 GLOBAL_BATCH, L = 4, 16
+BIASED = ("deepseek_v3", "glm4_moe")  # e_score_correction_bias, trained by ep.update_expert_bias
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -31,16 +33,21 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def expert_view(ref: torch.nn.Module, name: str, first: int, count: int) -> torch.Tensor:
-    """The reference's expert tensor behind our parameter ``name`` (…moe.experts.w_gate/w_in/w_out)."""
+    """The reference's expert tensor behind our parameter ``name`` (…moe.experts.w_gate/w_in/w_out,
+    b_gate/b_in/b_out), read off the family's modeling code."""
     prefix = name.split(".moe.experts.")[0]
     kind = name.rsplit(".", 1)[1]
-    gate_up = ref.get_parameter(f"{prefix}.experts.gate_up_proj")
-    F = gate_up.shape[1] // 2
-    if kind == "w_out":
-        full = ref.get_parameter(f"{prefix}.experts.down_proj").transpose(1, 2)
-    else:
-        full = (gate_up[:, :F] if kind == "w_gate" else gate_up[:, F:]).transpose(1, 2)
-    return full[first:first + count]
+    experts = ref.get_submodule(f"{prefix}.experts")
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: x @ W + b, gate/up columns interleaved
+        bias = experts.gate_up_proj_bias
+        views = {"w_gate": gate_up[..., ::2], "w_in": gate_up[..., 1::2], "w_out": down,
+                 "b_gate": bias[:, ::2], "b_in": bias[:, 1::2], "b_out": experts.down_proj_bias}
+    else:  # linear(x, W) = x @ W.T; gate rows, then up rows
+        F = gate_up.shape[1] // 2
+        views = {"w_gate": gate_up[:, :F].transpose(1, 2), "w_in": gate_up[:, F:].transpose(1, 2),
+                 "w_out": down.transpose(1, 2)}
+    return views[kind][first:first + count]
 
 
 def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None) -> None:
@@ -60,7 +67,7 @@ def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None) -> None:
     # 2. one training step on the global batch
     model.train()
     ref.train()
-    counts = selections(ref, idx[:, :-1]) if family == "deepseek_v3" else None
+    counts = selections(ref, idx[:, :-1]) if family in BIASED else None
     loss = model(mine[:, :-1], labels=mine[:, 1:]).loss
     loss.backward()
     ep.sync_gradients(model, ctx)
@@ -100,9 +107,10 @@ def check_save_pretrained(model: torch.nn.Module, ctx: ep.DistContext, path: Pat
 
 
 class RecordingSafeOpen:
-    """safetensors.safe_open that records which tensors are read."""
+    """safetensors.safe_open that records which tensors are read: (key, None) for a whole tensor,
+    (key, index) for a slice."""
 
-    def __init__(self, original, read: list[str]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, original, read: list) -> None:  # type: ignore[no-untyped-def]
         self.original, self.read = original, read
 
     def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -121,33 +129,44 @@ class RecordingSafeOpen:
                 return self.inner.keys()
 
             def get_tensor(self, key):  # type: ignore[no-untyped-def]
-                read.append(key)
+                read.append((key, None))
                 return self.inner.get_tensor(key)
 
             def get_slice(self, key):  # type: ignore[no-untyped-def]
-                read.append(key)
-                return self.inner.get_slice(key)
+                inner = self.inner.get_slice(key)
+
+                class Slice:
+                    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+                        read.append((key, index))
+                        return inner[index]
+                return Slice()
         return Handle()
 
 
 def check_from_pretrained(model: torch.nn.Module, ctx: ep.DistContext, path: Path,
                           mine: torch.Tensor) -> None:
     """Loading the saved directory straight into this layout: each rank reads only its own experts'
-    tensors, and the model equals the one that was saved."""
+    tensors (per-expert keys, or its rows of fused ones: gpt-oss), and the model equals the one that
+    was saved."""
     import re
 
     import safetensors
-    read: list[str] = []
+    read: list[tuple[str, object]] = []
     original = safetensors.safe_open
     safetensors.safe_open = RecordingSafeOpen(original, read)
     try:
         loaded = ep.hf.from_pretrained(path, ctx, attn_implementation="eager").eval()
     finally:
         safetensors.safe_open = original
-    experts_read = {int(m.group(1)) for key in read if (m := re.search(r"\.experts\.(\d+)\.", key))}
+    experts_read = {int(m.group(1)) for key, _ in read if (m := re.search(r"\.experts\.(\d+)\.", key))}
+    fused = [(key, rows) for key, rows in read if re.search(r"\.experts\.(gate_up|down)_proj", key)]
     E = 8
     count = E // ctx.ep_size
-    assert experts_read == set(range(ctx.ep_rank * count, (ctx.ep_rank + 1) * count)), experts_read
+    own = slice(ctx.ep_rank * count, (ctx.ep_rank + 1) * count)
+    if fused:  # the fused tensors are saved as they are (gpt-oss): this rank's rows of each, only
+        assert not experts_read and len(fused) == 4 * 2 and all(rows == own for _, rows in fused), fused
+    else:
+        assert experts_read == set(range(own.start, own.stop)), experts_read
     with torch.no_grad():
         close(loaded(mine).logits, model(mine).logits, f"{path.name}: logits after from_pretrained")
 
@@ -205,16 +224,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ep-size", type=int, required=True)
     parser.add_argument("--save", type=Path, default=None, help="also check save_pretrained into DIR")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     args = parser.parse_args()
     ctx = ep.init_distributed(ep_size=args.ep_size, backend="gloo", timeout=120)
-    for family in FAMILIES:
+    for family in args.families:
         run_family(family, ctx, args.save)
         if ctx.rank == 0:
             print(f"ok {family}", flush=True)
     if ctx.ep_size > 1:
         check_bad_expert_count(ctx)
     if ctx.rank == 0:
-        print(f"ALL OK {len(FAMILIES)} families with {ctx.world_size} ranks, ep_size {ctx.ep_size}",
+        print(f"ALL OK {len(args.families)} families with {ctx.world_size} ranks, ep_size {ctx.ep_size}",
               flush=True)
     torch.distributed.destroy_process_group()
     return 0
