@@ -49,11 +49,13 @@ def test_model_matches_sampled_routing(nodes: int, per_node: int, experts: int, 
 
 
 def test_time_model_and_command(capsys: pytest.CaptureFixture[str]) -> None:
-    cluster = pc.Cluster(2, 2, 1.0, 0.025, "node")
+    cluster = pc.Cluster(2, 2, 1.0, 0.025, "node", round_latency_s=0.0)
     work = pc.Workload(512, 256, 64, 8, 256, element_bytes=4)
     flat, hier = (pc.step_time(cluster, work, v, 0.1) for v in ("flat", "hierarchical"))
-    # seconds = bytes through the node's one link / its rate
+    # seconds = bytes through the node's one link / its rate (+ a fixed cost per round)
     assert flat["inter_s"] == pytest.approx(pc.traffic(cluster, work, "flat")["inter"] * 2 / 0.025e9)
+    slow = pc.step_time(pc.Cluster(2, 2, 1.0, 0.025, "node", round_latency_s=0.01), work, "flat", 0.1)
+    assert slow["inter_s"] == pytest.approx(flat["inter_s"] + 5 * 0.01)
     assert hier["step_s"] < flat["step_s"] and flat["step_s"] == pytest.approx(0.1 + flat["comm_s"])
     main(["plan-cluster", "--nodes", "4", "--gpus-per-node", "2", "--experts", "64"])
     out = capsys.readouterr().out

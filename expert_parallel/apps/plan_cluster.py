@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ VARIANTS = ("flat", "hierarchical", "node_limited")
 
 @dataclass(frozen=True)
 class Cluster:
-    """N nodes of P GPUs; bandwidths in GB/s per direction."""
+    """N nodes of P GPUs; bandwidths in GB/s per direction; a fixed cost per inter-node round."""
 
     nodes: int
     gpus_per_node: int
@@ -45,6 +46,7 @@ class Cluster:
     inter_gbps: float
     inter_per: str = "gpu"
     overhead: float = 1.0
+    round_latency_s: float = 20e-6
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,19 @@ def traffic(c: Cluster, w: Workload, variant: str) -> dict[str, float]:
             "inter": T * remote * row + meta}
 
 
+# Collectives per forward + backward whose messages cross nodes: the count all-gather, then flat: the
+# dispatch and combine all-to-alls and their backwards; hierarchical: rows, copy metadata and gates
+# to the proxies, the partial sums back, and the backwards of rows, gates and partial sums.
+INTER_ROUNDS = {"flat": 5, "hierarchical": 8, "node_limited": 8}
+
+
 def step_time(c: Cluster, w: Workload, variant: str, compute_s: float) -> dict[str, float]:
-    """Seconds of inter-node and intra-node transfer, and the step (transfers + GEMMs)."""
+    """Seconds of inter-node and intra-node transfer, and the step (transfers + GEMMs); each
+    inter-node round also costs ``c.round_latency_s``."""
     t = traffic(c, w, variant)
     node_link = c.inter_gbps * (c.gpus_per_node if c.inter_per == "gpu" else 1) * 1e9
-    inter_s = t["inter"] * c.gpus_per_node * c.overhead / node_link if c.nodes > 1 else 0.0
+    inter_s = (t["inter"] * c.gpus_per_node * c.overhead / node_link
+               + INTER_ROUNDS[variant] * c.round_latency_s) if c.nodes > 1 else 0.0
     intra_s = t["intra"] * c.overhead / (c.intra_gbps * 1e9)
     comm_s = max(inter_s, intra_s) if variant == "flat" else inter_s + intra_s
     return {"inter_s": inter_s, "intra_s": intra_s, "comm_s": comm_s, "step_s": comm_s + compute_s}
@@ -121,6 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-s", type=float, default=None,
                         help="measured GEMM seconds (overrides --tflops)")
     parser.add_argument("--overhead", type=float, default=1.0, help="wire bytes per payload byte")
+    parser.add_argument("--round-latency-us", type=float, default=20.0,
+                        help="fixed cost of each collective round that crosses nodes")
     parser.add_argument("--calibrate", type=Path, default=None,
                         help="records of `expert-parallel scaling` (unlimited and rate-limited runs): "
                              "print predicted vs measured")
@@ -143,7 +155,7 @@ def parse_validated(args: argparse.Namespace) -> tuple[Cluster, Workload]:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     cluster = Cluster(args.nodes, args.gpus_per_node, args.intra_gbps, args.inter_gbps, args.inter_per,
-                      args.overhead)
+                      args.overhead, args.round_latency_us * 1e-6)
     work = Workload(args.d_model, args.d_ff, args.experts, args.top_k, args.tokens_per_gpu,
                     args.element_bytes, True, args.limited_nodes)
     return cluster, work
@@ -169,34 +181,53 @@ def plan(args: argparse.Namespace) -> str:
 
 
 def calibrate(path: Path, rate_mbit: float, plot: Path | None = None) -> str:
-    """Predicted vs measured on the testbed: bytes from the model against the CommReport's, and the
-    rate-limited step time predicted as the unlimited run's time plus the model's inter-node seconds
-    at ``rate_mbit`` (one link per node, wire overhead from the link counters)."""
+    """Predicted vs measured on the testbed. Bytes: the model's against the CommReport's. Step time
+    at ``rate_mbit``: the measured unlimited step + the model's inter-node seconds over one link per
+    node (wire overhead from the link counters), first with bytes alone, then with one per-round
+    latency fitted (least squares) over the variants."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    fast = {r["variant"]: r for r in records if r["label"] == "unlimited"}
-    slow = {r["variant"]: r for r in records if r["label"] != "unlimited"}
+    fast = repeats_median([r for r in records if r["label"] == "unlimited"])
+    slow = repeats_median([r for r in records if r["label"] != "unlimited" and r["variant"] in fast])
+    base = {v: testbed_prediction(r, fast[v]["median_step_s"], rate_mbit) for v, r in slow.items()}
+    latency_s = sum((r["median_step_s"] - base[v][1]) * INTER_ROUNDS[v] for v, r in slow.items()) / max(
+        sum(INTER_ROUNDS[v] ** 2 for v in slow), 1)
     rows: list[tuple[str, float, float, float, float]] = []
-    lines = [f"{'variant':<14}{'inter MB pred':>14}{'meas':>8}{'err %':>7}"
-             f"{'step s pred':>12}{'meas':>8}{'err %':>7}"]
+    lines = [f"fitted latency per inter-node round: {latency_s * 1e3:.1f} ms",
+             f"{'variant':<14}{'inter MB pred':>14}{'meas':>8}{'err %':>7}{'step s bytes only':>19}"
+             f"{'err %':>7}{'+latency':>10}{'meas':>8}{'err %':>7}"]
     for variant, r in slow.items():
-        per_node = r["ranks"] // r["nodes"]
-        link = r.get("link_bytes_per_step")  # what the links sent, summed over the nodes
-        overhead = link / r["inter_bytes_per_step"] if link else 1.0
-        cluster = Cluster(r["nodes"], per_node, 1.0, rate_mbit / 8e3, "node", overhead)
-        work = Workload(r["d_model"], r["d_ff"], r["experts"], r["top_k"], r["tokens_per_rank"], 4, True,
-                        r["limited_nodes"] or 1)
-        pred_bytes = traffic(cluster, work, variant)["inter"] * r["ranks"]
-        inter_s = step_time(cluster, work, variant, 0.0)["inter_s"]
-        pred_step = fast[variant]["median_step_s"] + inter_s if variant in fast else float("nan")
+        pred_bytes, bytes_only = base[variant]
+        pred_step = bytes_only + INTER_ROUNDS[variant] * latency_s
         meas_b, meas_s = r["inter_bytes_per_step"], r["median_step_s"]
         rows.append((variant, pred_bytes, meas_b, pred_step, meas_s))
         lines.append(f"{variant:<14}{pred_bytes / 1e6:>14.2f}{meas_b / 1e6:>8.2f}"
-                     f"{100 * (pred_bytes / meas_b - 1):>7.1f}"
-                     f"{pred_step:>12.3f}{meas_s:>8.3f}{100 * (pred_step / meas_s - 1):>7.1f}")
+                     f"{100 * (pred_bytes / meas_b - 1):>7.1f}{bytes_only:>19.3f}"
+                     f"{100 * (bytes_only / meas_s - 1):>7.1f}{pred_step:>10.3f}{meas_s:>8.3f}"
+                     f"{100 * (pred_step / meas_s - 1):>7.1f}")
     if plot is not None:
         draw_calibration(plot, rows, fast, rate_mbit)
     return "\n".join(lines)
 
+
+def testbed_prediction(r: dict, unlimited_s: float, rate_mbit: float) -> tuple[float, float]:
+    """(inter-node bytes per step over the job, step seconds from bytes alone) for one record."""
+    link = r.get("link_bytes_per_step")  # what the links sent, summed over the nodes
+    overhead = link / r["inter_bytes_per_step"] if link else 1.0
+    cluster = Cluster(r["nodes"], r["ranks"] // r["nodes"], 1.0, rate_mbit / 8e3, "node", overhead, 0.0)
+    work = Workload(r["d_model"], r["d_ff"], r["experts"], r["top_k"], r["tokens_per_rank"], 4, True,
+                    r["limited_nodes"] or 1)
+    pred_bytes = traffic(cluster, work, r["variant"])["inter"] * r["ranks"]
+    return pred_bytes, unlimited_s + step_time(cluster, work, r["variant"], 0.0)["inter_s"]
+
+
+def repeats_median(records: list[dict]) -> dict[str, dict]:
+    """One record per variant: the first, with the median step time over the repeated runs."""
+    out: dict[str, dict] = {}
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        runs = [r for r in records if r["variant"] == variant]
+        out[variant] = {**runs[0], "median_step_s": statistics.median(r["median_step_s"] for r in runs),
+                        "repeats": len(runs)}
+    return out
 
 
 def draw_calibration(path: Path, rows: list[tuple[str, float, float, float, float]],

@@ -110,7 +110,8 @@ def _traffic(out: Path, traffic: list[list[float]], per_node: int) -> Path:
     for i in range(world):
         for j in range(world):
             text = "self\n" + f"{mib[i][j]:.1f}" if i == j else f"{mib[i][j]:.1f}"
-            ax.text(j, i, text, ha="center", va="center", color="black" if i == j else "tab:cyan", fontsize=8)
+            dark = i != j and mib[i][j] < 0.6 * top  # magma is dark below about 60 % of the scale
+            ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=8)
     for edge in range(per_node, world, per_node):  # node boundaries
         ax.axhline(edge - 0.5, color="white", lw=2)
         ax.axvline(edge - 0.5, color="white", lw=2)
