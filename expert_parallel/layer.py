@@ -12,6 +12,7 @@ from torch.profiler import record_function
 
 from .comm.distributed import (
     all_gather_cat,
+    check_node_layout,
     check_same_on_all_ranks,
     fingerprint,
     group_ranks_per_node,
@@ -58,6 +59,7 @@ def make_dispatcher(cfg: MoEConfig, ep_group: ProcessGroup, ranks_per_node: int 
         raise ValueError(f"MoEConfig.exchange='hierarchical' needs an expert-parallel group with the same "
                          f"number of contiguous ranks on every node; ranks "
                          f"{dist.get_process_group_ranks(ep_group)} with {per_node} ranks per node are not")
+    check_node_layout(ep_group, P, from_launcher=ranks_per_node is None)
     return HierarchicalDispatcher(ep_group, cfg.num_experts, P)
 
 

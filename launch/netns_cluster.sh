@@ -51,20 +51,25 @@ command -v ip >/dev/null && command -v tc >/dev/null || { echo "netns_cluster: n
 
 SWITCH="${PREFIX}sw"
 node_ns() { echo "${PREFIX}n$1"; }
-PGIDS=()
+if ip netns list | grep -q "^${PREFIX}"; then  # never take over (or later delete) someone else's
+  echo "netns_cluster: network namespaces named ${PREFIX}* exist already (another run, or left over:" \
+       "ip netns list); choose another --prefix" >&2
+  exit 2
+fi
+PGIDS=() CREATED=()
 
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  for pgid in "${PGIDS[@]}"; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
+  # The node's shell, torchrun and the prefixer; torchrun starts its workers in sessions of their
+  # own, so they are reached below, through their namespace.
+  for pgid in ${PGIDS[@]+"${PGIDS[@]}"}; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
   sleep 0.5
-  for pgid in "${PGIDS[@]}"; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
-  for ((i = 0; i < NODES; i++)); do
-    local ns; ns="$(node_ns "$i")"
+  for pgid in ${PGIDS[@]+"${PGIDS[@]}"}; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
+  for ns in ${CREATED[@]+"${CREATED[@]}"}; do  # only what this run made
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true   # takes its veth end, and so the pair, with it
   done
-  ip netns del "$SWITCH" 2>/dev/null || true
   exit "$status"
 }
 trap cleanup EXIT
@@ -75,16 +80,14 @@ tbf() {  # tbf on a link's egress: $1 namespace, $2 device
   [[ "$RATE" == none ]] || ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$RATE" burst "$BURST" latency "$TC_LATENCY"
 }
 
-ip netns add "$SWITCH"
+ip netns add "$SWITCH" && CREATED+=("$SWITCH")
 ip -n "$SWITCH" link add br0 type bridge
 ip -n "$SWITCH" link set br0 up
 for ((i = 0; i < NODES; i++)); do
   ns="$(node_ns "$i")"
-  ip netns add "$ns"
-  ip link add "${PREFIX}h$i" type veth peer name "${PREFIX}s$i"
-  ip link set "${PREFIX}h$i" netns "$ns"
-  ip link set "${PREFIX}s$i" netns "$SWITCH"
-  ip -n "$ns" link set "${PREFIX}h$i" name eth0
+  ip netns add "$ns" && CREATED+=("$ns")
+  # made inside the namespaces directly: the pair never appears in the host's network
+  ip link add eth0 netns "$ns" type veth peer name "${PREFIX}s$i" netns "$SWITCH"
   ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev eth0
   ip -n "$ns" link set eth0 up
   ip -n "$ns" link set lo up
@@ -97,7 +100,7 @@ done
 RDZV_ID="netns-$PREFIX-$RANDOM"
 for ((i = 0; i < NODES; i++)); do
   ns="$(node_ns "$i")"
-  # setsid: each node in a process group of its own, so cleanup reaches every process of it.
+  # setsid: each node's shell, torchrun and prefixer in a process group of their own.
   setsid bash -c 'set -o pipefail; ip netns exec "$1" env GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0 \
       "$2" -m torch.distributed.run --nnodes "$3" --nproc-per-node "$4" --rdzv-backend c10d \
       --rdzv-endpoint "$5:$6" --rdzv-id "$7" --rdzv-conf "is_host=$8" --local-addr "$9" "${@:11}" 2>&1 \

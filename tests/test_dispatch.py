@@ -104,7 +104,7 @@ def test_dedup_by_node_and_fan_out_oracle() -> None:
     node1 = plan.expert_N >= experts_per_node
     meta = rows.meta_N2[node1]
     n_rows = int(rows.count_V[1])
-    fan = fan_out(torch.cat([meta, meta]), [int(node1.sum())] * 2, [n_rows, n_rows])
+    fan = fan_out(torch.cat([meta, meta]), torch.tensor([int(node1.sum())] * 2), torch.tensor([n_rows] * 2))
     experts = torch.cat([meta, meta])[fan.order_H, 1]
     assert torch.all(experts[1:] >= experts[:-1])
     recv_tokens = torch.cat([rows.token_U[start[1]:], rows.token_U[start[1]:]])

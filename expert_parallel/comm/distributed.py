@@ -20,6 +20,14 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
+# The collective timeout of the job (init_distributed's), for the groups made later (sub-groups of
+# the hierarchical exchange); the default for a process group adopted from elsewhere.
+_JOB_TIMEOUT = [DEFAULT_TIMEOUT]
+
+
+def job_timeout() -> timedelta:
+    """The collective timeout given to init_distributed (5 minutes by default)."""
+    return _JOB_TIMEOUT[0]
 
 
 @dataclass(frozen=True)
@@ -257,7 +265,8 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
         ValueError: ep_size is not a positive divisor of the world size.
     """
     launch = launch_env()
-    backend = _init_default_group(launch, backend, _as_timedelta(timeout))
+    _JOB_TIMEOUT[0] = _as_timedelta(timeout)
+    backend = _init_default_group(launch, backend, _JOB_TIMEOUT[0])
     world, rank = dist.get_world_size(), dist.get_rank()
     ep = world if ep_size is None else ep_size
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or world % ep:
@@ -298,6 +307,26 @@ def group_ranks_per_node(group: ProcessGroup, local_world_size: int | None = Non
     if not contiguous or len(set(per_node)) != 1:
         return None
     return per_node[0]
+
+
+def check_node_layout(group: ProcessGroup, per_node: int, from_launcher: bool = True) -> None:
+    """Raises ValueError unless every rank of ``group`` uses the same ranks per node and, for a
+    ``per_node`` taken from the launcher where torchrun names each rank's node (GROUP_RANK), the
+    nodes it implies are the real ones (ranks of one node, and only they, share a GROUP_RANK).
+    NOTE: collective (one all_gather_object over ``group``)."""
+    layouts: list[Any] = [None] * dist.get_world_size(group)
+    node = os.environ.get("GROUP_RANK") if from_launcher else None
+    dist.all_gather_object(layouts, (per_node, node), group=group)
+    if len({p for p, _ in layouts}) > 1:
+        raise ValueError(f"the ranks of the expert-parallel group disagree on ranks per node "
+                         f"{[p for p, _ in layouts]} (LOCAL_WORLD_SIZE or ranks_per_node differ)")
+    named = [g for _, g in layouts]
+    if None in named:
+        return
+    pairs = {(i // per_node, g) for i, g in enumerate(named)}
+    if len(pairs) != len({v for v, _ in pairs}) or len(pairs) != len({g for _, g in pairs}):
+        raise ValueError(f"{per_node} ranks per node put ranks of different nodes together (torchrun's "
+                         f"GROUP_RANK per rank: {named}): ranks must be contiguous per node")
 
 
 def all_gather_cat(x: Tensor, group: ProcessGroup) -> Tensor:

@@ -36,6 +36,7 @@ from ..ops.dispatch import (
 )
 from ..ops.nodes import dedup_by_node, fan_out
 from ..ops.plan import RoutingPlan
+from .distributed import job_timeout
 
 T = TypeVar("T")
 
@@ -241,10 +242,10 @@ def subgroup(ranks: list[int], parent: ProcessGroup) -> ProcessGroup | None:
     cached = _SUBGROUPS.get(key)
     if cached is not None and cached[0] is world:
         return cached[1]
-    # NOTE: collective among ``ranks`` only. Their rank sets never equal a health group's (those
-    # span a whole expert-parallel group, returned as ``parent`` above), whose hashed name they
-    # would share.
-    made = dist.new_group(list(ranks), use_local_synchronization=True)
+    # NOTE: collective among ``ranks`` only: torch names the group from the ranks and the number of
+    # groups this process has made, so every member must have made as many before (true inside the
+    # library, which makes its groups on every rank in the same order). The job's timeout applies.
+    made = dist.new_group(list(ranks), use_local_synchronization=True, timeout=job_timeout())
     assert world is not None and made is not None
     _SUBGROUPS[key] = (world, made)
     return made
@@ -317,7 +318,11 @@ class HierarchicalDispatcher:
                              f"{phase} (copy metadata)", self.health)
         gate_H = all_to_all(plan.gate_N, sizes["copies_recv"], sizes["copies_send"], self.rail, info,
                             f"{phase} (gates)", self.health)
-        fan = fan_out(meta_H2, sizes["copies_recv"], sizes["node_recv"])
+        # what each source on my rail sent me, from the device copy of the table (no host copy)
+        on_rail = table[self.local::P]
+        eP = e * P
+        fan = fan_out(meta_H2, on_rail[:, self.node * eP:(self.node + 1) * eP].sum(1),
+                      on_rail[:, 2 * E + self.node])
         recv = all_to_all(recv_U.index_select(0, fan.row_H), sizes["intra_recv"], sizes["intra_send"],
                           self.intra, info, "dispatch inside the node", self.health)
         counts_Re = counts_RE.view(V, P, E).sum(0)[:, self.rank * e:(self.rank + 1) * e]

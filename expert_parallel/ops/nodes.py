@@ -45,7 +45,9 @@ def dedup_by_node(token_N: Tensor, expert_N: Tensor, num_tokens: int, experts_pe
     node_N = torch.div(expert_N, experts_per_node, rounding_mode="floor")
     key_U, row_N = torch.unique(node_N * num_tokens + token_N, sorted=True, return_inverse=True)
     node_U = torch.div(key_U, num_tokens, rounding_mode="floor")
-    count_V = torch.bincount(node_U, minlength=num_nodes)
+    # index_add instead of bincount, which reads its maximum back to the host on GPUs
+    count_V = torch.zeros(num_nodes, dtype=torch.int64, device=node_U.device).index_add_(
+        0, node_U, torch.ones_like(node_U))
     start_V = torch.cumsum(count_V, 0) - count_V
     in_block_N = row_N - start_V[node_N]
     meta_N2 = torch.stack([in_block_N, expert_N]).t().to(torch.int32)
@@ -66,18 +68,16 @@ class FanOut:
     row_H: Tensor
 
 
-def fan_out(meta_H2: Tensor, copies_R: list[int], rows_R: list[int]) -> FanOut:
+def fan_out(meta_H2: Tensor, copies_R: Tensor, rows_R: Tensor) -> FanOut:
     """Orders a proxy's received copies by expert and points each at its received row.
 
     Args:
         meta_H2: the received (row inside the source's block, expert) of each copy, sources in order.
-        copies_R: copies received from each source (host list).
-        rows_R: unique rows received from each source (host list): the block offsets of the rows.
+        copies_R: int64, copies received from each source.
+        rows_R: int64, unique rows received from each source (the block sizes of the rows).
     """
-    device = meta_H2.device
-    starts = torch.tensor([sum(rows_R[:i]) for i in range(len(rows_R))], dtype=torch.int64, device=device)
-    start_H = torch.repeat_interleave(starts, torch.tensor(copies_R, device=device),
-                                      output_size=int(meta_H2.shape[0]))
+    start_R = torch.cumsum(rows_R, 0) - rows_R
+    start_H = torch.repeat_interleave(start_R, copies_R, output_size=int(meta_H2.shape[0]))
     row_H = meta_H2[:, 0].long() + start_H
     order_H = torch.argsort(meta_H2[:, 1], stable=True)
     return FanOut(order_H, row_H[order_H])

@@ -309,6 +309,24 @@ def train_steps(ctx: ep.DistContext, steps: int = 20) -> None:
                                    msg=lambda m, key=key: f"after {steps} steps, {key}: {m}")
 
 
+def check_wrong_nodes_refused(ctx: ep.DistContext) -> None:
+    """Under two torchrun agents of 2 ranks (GROUP_RANK 0, 0, 1, 1): a layout of 4 ranks per node
+    whose LOCAL_WORLD_SIZE some ranks misreport is refused on every rank, before any exchange."""
+    import os
+    if os.environ.get("GROUP_RANK") is None or int(os.environ["LOCAL_WORLD_SIZE"]) != 2:
+        return
+    saved = os.environ["LOCAL_WORLD_SIZE"]
+    os.environ["LOCAL_WORLD_SIZE"] = "4"  # one node of 4, but the agents say two nodes
+    try:
+        torch.manual_seed(0)
+        ep.MoE(ep.MoEConfig(d_model=D, d_ff=F, num_experts=E, exchange="hierarchical"), ep_group=ctx.ep_group)
+        raise AssertionError("ranks of different nodes put on one node were accepted")
+    except ValueError as err:
+        assert "GROUP_RANK" in str(err), err
+    finally:
+        os.environ["LOCAL_WORLD_SIZE"] = saved
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ep-size", type=int, required=True)
@@ -340,6 +358,8 @@ def main() -> int:
             raise AssertionError("an expert-parallel group spanning nodes unevenly was accepted")
         except ValueError as err:
             assert "hierarchical" in str(err) and "ranks per node" in str(err), err
+    if args.exchange == "hierarchical" and args.ranks_per_node is None and ctx.world_size == 4:
+        check_wrong_nodes_refused(ctx)
     extra = random_cases(args.random, args.seed)
     CASES.update(extra)
     for name in [*args.cases, *extra]:
