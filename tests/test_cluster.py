@@ -51,7 +51,7 @@ def test_hierarchical_exchange_across_namespaces(tmp_path: Path) -> None:
     stats = tmp_path / "links.jsonl"
     worker = [str(WORKERS / "ep_equivalence.py"), "--ep-size", "4", "--exchange", "hierarchical",
               "--cases", "topk_k2_capacity_drops", "deepseek_v3_dropless_uneven"]
-    out = run(cluster("ept1", *worker, options=("--stats", str(stats))), timeout=300)
+    out = run(cluster("ept1", *worker, options=("--stats", str(stats))), timeout=200)
     assert "[node0] ALL OK 3 under torchrun with 4 ranks" in out, out[-3000:]
     assert len(stats.read_text().splitlines()) == 2 and '"tx_bytes"' in stats.read_text()
     assert namespaces("ept1") == []
@@ -89,7 +89,7 @@ def test_scaling_command_bytes_match_the_links(tmp_path: Path) -> None:
     out_file = tmp_path / "scaling.jsonl"
     args = ["-m", "expert_parallel", "scaling", "--d-model", "128", "--d-ff", "64", "--experts", "16",
             "--top-k", "4", "--tokens", "128", "--steps", "3", "--warmup", "1", "--out", str(out_file)]
-    run(cluster("ept4", *args, port=29614), timeout=300)
+    run(cluster("ept4", *args, port=29614), timeout=200)
     records = {r["variant"]: r for r in map(json.loads, out_file.read_text().splitlines())}
     for r in records.values():
         assert r["nodes"] == 2 and r["ranks"] == 4
@@ -109,14 +109,14 @@ def test_node_killed_mid_run_then_resumed_from_the_shared_checkpoints(tmp_path: 
     common = [str(TRAIN), "--steps", "20", "--save-every", "4", "--ep-size", "4",
               "--exchange", "hierarchical", *LM_ARGS]
     straight = tmp_path / "straight"
-    run(cluster("ept5", *common, "--out", str(straight), port=29615), timeout=300)
+    run(cluster("ept5", *common, "--out", str(straight), port=29615), timeout=200)
     broken = tmp_path / "broken"
     proc = subprocess.Popen(cluster("ept6", *common, "--out", str(broken), port=29616), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     killed_at = None
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 150
         while proc.poll() is None and time.time() < deadline and killed_at is None:
             metrics = broken / "metrics.jsonl"
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
@@ -125,12 +125,12 @@ def test_node_killed_mid_run_then_resumed_from_the_shared_checkpoints(tmp_path: 
                     os.kill(int(pid), signal.SIGKILL)
                 killed_at = len(metrics.read_text().splitlines())
             time.sleep(0.05)
-        assert proc.wait(timeout=240) != 0
+        assert proc.wait(timeout=120) != 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert killed_at is not None and killed_at < 20 and namespaces("ept6") == []
-    out = run(cluster("ept7", *common, "--resume", "--out", str(broken), port=29617), timeout=300)
+    out = run(cluster("ept7", *common, "--resume", "--out", str(broken), port=29617), timeout=200)
     assert "resumed from" in out, out[-3000:]
     resumed = records(broken)
     assert [r["step"] for r in resumed] == list(range(1, 21))

@@ -50,19 +50,23 @@ def test_torchrun_two_nodes_c10d_loopback() -> None:
     agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", uuid.uuid4().hex,
              str(WORKERS / "ep_equivalence.py"), "--ep-size", "2", *CASES]
-    outs = run_all([agent, agent], timeout=300)
+    outs = run_all([agent, agent], timeout=240)  # inside pytest's 300 s: the tails get printed
     assert any("ALL OK 5 under torchrun with 2 ranks" in out for out in outs), outs
 
 
 def test_hierarchical_exchange_two_node_agents_no_extra_argument() -> None:
     """Two torchrun agents of 2 ranks each: the hierarchical exchange takes its nodes from torchrun's
     LOCAL_WORLD_SIZE (no --ranks-per-node) and equals the reference and the flat exchange."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", uuid.uuid4().hex,
-             str(WORKERS / "ep_equivalence.py"), "--ep-size", "4", "--exchange", "hierarchical",
-             "--cases", "topk_k2_dropless", "deepseek_v3_capacity", "expert_choice"]
-    outs = run_all([agent, agent], timeout=300)
+    endpoint, rdzv_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex
+
+    def agent(is_host: int) -> list[str]:  # one store host named: no race for the port between them
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
+                "--rdzv-conf", f"is_host={is_host}", str(WORKERS / "ep_equivalence.py"), "--ep-size", "4",
+                "--exchange", "hierarchical", "--cases", "topk_k2_dropless", "deepseek_v3_capacity",
+                "expert_choice"]
+
+    outs = run_all([agent(1), agent(0)], timeout=240)  # inside pytest's 300 s: the tails get printed
     assert any("ALL OK 4 under torchrun with 4 ranks" in out for out in outs), outs
 
 
