@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ..ops.dispatch import link_class
+
 
 def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[float]],
                 per_node: int = 0) -> list[Path]:
@@ -78,13 +80,6 @@ def _max_violation(out: Path, records: list[dict[str, Any]]) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return save_figure(fig, out / "max_violation.png")
-
-
-def link_class(src: int, dst: int, per_node: int) -> str:
-    """"self", "intra" (same node) or "inter" (another node) for a pair of global ranks."""
-    if src == dst:
-        return "self"
-    return "intra" if src // per_node == dst // per_node else "inter"
 
 
 def traffic_by_class(traffic: list[list[float]], per_node: int) -> dict[str, float]:

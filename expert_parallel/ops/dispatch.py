@@ -19,6 +19,14 @@ from .plan import RoutingPlan
 from .precision import autocast_off
 
 
+def link_class(src: int, dst: int, per_node: int) -> str:
+    """"self" (a rank's copy to itself), "intra" (same node of ``per_node`` contiguous ranks) or
+    "inter" (another node)."""
+    if src == dst:
+        return "self"
+    return "intra" if src // per_node == dst // per_node else "inter"
+
+
 @dataclass(frozen=True)
 class CommReport:
     """Traffic of one MoE call on this rank, per peer of the expert-parallel group.
@@ -68,10 +76,7 @@ class CommReport:
 
     def link_class(self, peer: int) -> str:
         """"self" (a local copy), "intra" (a peer on this rank's node) or "inter" (another node)."""
-        if peer == self.rank:
-            return "self"
-        P = self.ranks_per_node or len(self.sent_rows)
-        return "intra" if peer // P == self.rank // P else "inter"
+        return link_class(self.rank, peer, self.ranks_per_node or len(self.sent_rows))
 
     @property
     def bytes_by_class(self) -> dict[str, int]:
