@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         per_step = ("step_s", "loss", "rank_imbalance")
         print(json.dumps({k: v for k, v in record.items() if k not in per_step}), flush=True)
     dist.barrier()
-    dist.destroy_process_group()
+    from expert_parallel import shutdown  # the AutoEP venv has the package too (--no-deps)
+
+    shutdown()  # destroys the group; a launched worker exits here, without the teardown abort
 
 
 if __name__ == "__main__":

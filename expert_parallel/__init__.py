@@ -29,6 +29,7 @@ The code is layered, and a module imports only from the layers below it (tests/t
 from .comm.distributed import DistContext, LaunchEnv, detect_launcher, init_distributed, launch_env
 from .comm.exchange import CollectiveError
 from .comm.grads import clip_grad_norm_, grad_norm, sync_gradients, update_expert_bias
+from .comm.shutdown import shutdown
 from .config import MoEConfig
 from .integrations import checkpoint
 from .integrations.checkpoint import (
@@ -98,6 +99,7 @@ __all__ = [
     "load_checkpoint",
     "prepare_for_deepspeed",
     "save_checkpoint",
+    "shutdown",
     "sync_gradients",
     "update_expert_bias",
 ]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Single-process run of the demo (world size 1): the debug mode.
+# Single-process run (world size 1), the debug mode, of a program (default: examples/moe_demo.py).
+#   bash launch/python.sh [PROGRAM.py | -m MODULE] [program options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python examples/moe_demo.py "$@"
+source launch/program.sh
+exec python "${PROGRAM[@]}" ${ARGS[@]+"${ARGS[@]}"}

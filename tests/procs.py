@@ -13,14 +13,14 @@ WORKERS = ROOT / "tests" / "workers"
 
 
 def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | None = None,
-            expect_failure: bool = False) -> list[str]:
+            expect_failure: bool = False, cwd: Path = ROOT) -> list[str]:
     """Starts several commands at once (e.g. two node agents), each in its own session, and waits.
 
     On timeout every process group is killed. Fails the test (AssertionError with the output's tail)
     on a non-zero exit or a timeout. Returns each command's output (stdout and stderr).
     """
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**base, **(envs[i] if envs else {})},
+    procs = [subprocess.Popen(cmd, cwd=cwd, env={**base, **(envs[i] if envs else {})},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True) for i, cmd in enumerate(cmds)]
     outs: list[str] = []
@@ -40,9 +40,9 @@ def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | 
 
 
 def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
-        expect_failure: bool = False) -> str:
+        expect_failure: bool = False, cwd: Path = ROOT) -> str:
     """One command under the watchdog of run_all; returns its output."""
-    return run_all([cmd], timeout, [env or {}], expect_failure)[0]
+    return run_all([cmd], timeout, [env or {}], expect_failure, cwd)[0]
 
 
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 300) -> str:

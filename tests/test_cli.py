@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from expert_parallel.apps.cli import main
@@ -37,3 +38,18 @@ def test_example_script_and_info_run_as_processes() -> None:
     info = subprocess.run([sys.executable, "-m", "expert_parallel", "info"],
                           capture_output=True, text=True, timeout=120, check=True)
     assert f"torch {torch.__version__}" in info.stdout
+
+
+def test_help_describes_every_command(capsys) -> None:
+    """`expert-parallel --help`: the description names every sub-command the parser has."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    commands = re.search(r"\{([\w,-]+)\}", out)
+    assert commands is not None, out
+    names = commands.group(1).split(",")
+    assert len(names) == 8, names
+    description = out.split("positional arguments:")[0]
+    missing = [name for name in names if f"{name} (" not in description]
+    assert not missing, (missing, description)

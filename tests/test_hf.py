@@ -92,6 +92,20 @@ def test_finetune_example_runs_as_one_process(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "qwen3_moe: 2 MoE blocks, 1 rank(s) launched by none" in out
     assert (tmp_path / "model" / "config.json").exists()
+    # summary.json: the routing and the active parameters, counted on the unmodified model (K of E
+    # experts of every expert tensor, everything else whole)
+    import transformers
+
+    from expert_parallel.apps.finetune_hf import tiny_config
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    config = tiny_config("qwen3_moe")
+    E, K = config.num_experts, config.num_experts_per_tok
+    plain = transformers.AutoModelForCausalLM.from_config(config)
+    active = sum(p.numel() * K // E if ".mlp.experts." in name else p.numel()
+                 for name, p in plain.named_parameters())
+    assert (summary["top_k"], summary["num_experts"], summary["router"]) == (2, 8, "topk")
+    assert summary["active_parameters"] == active < sum(p.numel() for p in plain.parameters())
 
 
 def test_checkpoints_of_these_models_reshard_across_ep_sizes(tmp_path: Path) -> None:

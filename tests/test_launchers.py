@@ -18,7 +18,7 @@ from dataclasses import astuple
 import pytest
 
 from expert_parallel.comm.distributed import first_slurm_host, launch_env
-from tests.procs import WORKERS, run, run_all
+from tests.procs import ROOT, WORKERS, run, run_all
 
 CASES = ["--cases", "topk_k2_capacity_drops", "topk_k2_dropless", "expert_choice", "soft"]
 NEEDS_EXTRAS = "installed by the README's test command (pip install -e '.[test]')"
@@ -213,19 +213,25 @@ def test_launch_scripts_run_the_same_example_with_the_same_numbers() -> None:
     assert syntax.returncode == 0, syntax.stderr
 
 
-def test_train_lm_runs_unchanged_under_mpiexec_and_deepspeed(tmp_path) -> None:
-    """The main job under the other launchers gives torchrun's numbers."""
-    from tests.procs import ROOT, torchrun
-
+def test_launch_scripts_take_the_program_train_lm_gives_torchrun_numbers(tmp_path) -> None:
+    """The launch scripts run the program they are given (here the main job, examples/train_lm.py,
+    with its options), and the main job under every launcher gives torchrun's numbers."""
+    require("mpiexec")
+    require("deepspeed")
     args = ["--steps", "4", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "4",
             "--seq-len", "32", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--no-plots"]
-    script = str(ROOT / "examples" / "train_lm.py")
-    torchrun(2, ROOT / "examples" / "train_lm.py", *args, "--out", str(tmp_path / "torchrun"))
-    run([require("mpiexec"), "-n", "2", sys.executable, script, *args, "--out", str(tmp_path / "mpi")],
-        timeout=300)
-    run([require("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, *args,
-         "--out", str(tmp_path / "deepspeed")], timeout=300, env={"DS_ACCELERATOR": "cpu"})
-    finals = {name: (tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]
-              for name in ("torchrun", "mpi", "deepspeed")}
-    losses = {name: json.loads(line)["loss"] for name, line in finals.items()}
+    program = "examples/train_lm.py"
+    runs = {"torchrun": ["bash", "launch/torchrun.sh", "2", program],
+            "mpi": ["bash", "launch/mpirun.sh", "2", program],
+            "deepspeed": ["bash", "launch/deepspeed.sh", "--num_gpus", "2", "--", program],
+            "none": ["bash", "launch/python.sh", program]}
+    for name, cmd in runs.items():
+        run([*cmd, *args, "--out", str(tmp_path / name)], timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    finals = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+              for name in runs}
+    assert {name: rec["step"] for name, rec in finals.items()} == dict.fromkeys(runs, 4)
+    losses = {name: rec["loss"] for name, rec in finals.items()}
     assert max(losses.values()) - min(losses.values()) < 1e-5, losses
+    for bad in (["bash", "launch/mpirun.sh", "2", "examples/nope.py"], ["bash", "launch/python.sh", "-m"]):
+        failed = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 2 and "launch:" in failed.stderr, failed

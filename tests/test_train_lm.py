@@ -23,7 +23,7 @@ def test_two_ranks_train_write_metrics_and_plots_and_match_one_process(tmp_path:
     log = torchrun(2, ROOT / "examples" / "train_lm.py", *ARGS, "--ep-size", "2", "--out", str(ep_out))
     assert "2 rank(s) launched by torchrun, ep_size 2" in log
     for name in ("metrics.jsonl", "summary.json", "loss.png", "expert_load.png", "dropped.png",
-                 "traffic.png"):
+                 "max_violation.png", "traffic.png"):
         path = ep_out / name
         assert path.stat().st_size > 0, name
         if name.endswith(".png"):

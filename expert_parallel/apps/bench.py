@@ -344,7 +344,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if ctx.rank == 0:
         print(format_table(result))
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2))
+            write_json(args.json, result)
         if args.plot is not None and args.sweep is not None:
             plot_sweep(result, args.plot)
     return result
@@ -403,8 +403,13 @@ def overlap_probe(ctx: DistContext, args: argparse.Namespace) -> dict[str, Any]:
               f"{b * 1e3:.1f} ms, both at once {c * 1e3:.1f} ms: overlap hides "
               f"{result['hidden_fraction']:.0%} of the exchange")
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2))
+            write_json(args.json, result)
     return result
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 def fitted_exponent(points: list[dict[str, Any]], name: str) -> float:
@@ -493,9 +498,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot_sweep(result: dict[str, Any], path: Path) -> None:
     """Time against the swept value, one line per variant (log-log for tokens)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plt, save_figure  # the Agg backend (no display)
 
     sweep = result["config"]["sweep"]
     key = "tokens" if sweep == "tokens" else "num_experts"
@@ -518,6 +521,4 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{result['world_size']} rank(s), ep_size {result['ep_size']}, {result['device']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

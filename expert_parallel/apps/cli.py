@@ -1,10 +1,13 @@
-"""The ``expert-parallel`` command: ``demo`` (the single-process demo run) and ``info``."""
+"""The expert-parallel command. Its sub-commands: demo (one MoE block trained on random data),
+train (the MoE language model), compare (dense vs MoE variants), bench (forward+backward time against
+the floor and DeepSpeed), finetune-hf (a Hugging Face MoE model, expert-parallel), scaling (flat vs
+hierarchical exchange on a multi-node job), plan-cluster (the cluster cost model) and info (versions
+and devices). Each runs as one process or under any launcher; COMMAND --help lists its options."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import platform
 import sys
 
@@ -12,6 +15,7 @@ import torch
 
 from .. import __version__
 from ..comm.distributed import default_backend, launch_env
+from ..comm.shutdown import shutdown
 from . import bench, compare, demo, finetune_hf, plan_cluster, scaling
 from . import train as train_lm
 
@@ -42,7 +46,8 @@ def info() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    parser = argparse.ArgumentParser(prog="expert-parallel", description=__doc__)
+    parser = argparse.ArgumentParser(prog="expert-parallel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(sub.add_parser("demo", help="train one MoE block on random data"))
     train_parser = sub.add_parser("train", help="train an MoE language model (expert-parallel)")
@@ -74,35 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         finetune_hf.finetune(args)
     else:
         demo.run(args)
-    _end_job()
+    shutdown()  # a launched worker leaves here, skipping the teardown that can abort it
     return 0
-
-
-def _end_job() -> None:
-    """Ends the process group; in a launched job, also the process, skipping interpreter teardown.
-
-    Process groups outlive ``destroy_process_group`` while anything still references them (the
-    model's layers, DeepSpeed's group registry), and destroying them during interpreter teardown
-    sometimes aborts a finished worker with SIGABRT ("terminate called without an active
-    exception"): 1 run in 10 of the demo under the DeepSpeed launcher here, which the launcher
-    reports as a failed job. Every file the command wrote is closed by now, so a launched worker
-    flushes its output and exits at once. Without a launcher (tests, one process) it returns.
-    """
-    launched = torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        launch_env().launcher != "none")
-    _destroy_process_group()
-    if launched:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def _destroy_process_group() -> None:
-    """Ends the process group the command started, while the interpreter is still whole: left to
-    interpreter teardown, gloo's worker threads (e.g. of an ``async_op`` all-to-all) can abort the
-    process with SIGABRT after it has done its work (seen in the bench's overlap probe)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..comm.distributed import init_distributed
 from ..comm.grads import clip_grad_norm_, sync_gradients, update_expert_bias
+from ..layer import MoE
 from .train import Traffic, get_batch, held_out_loss, load_corpus, step_stats, summarize
 
 
@@ -60,6 +62,15 @@ def tiny_config(family: str) -> Any:
                                    qk_nope_head_dim=16)
     return tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32,
                              num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+
+
+def active_parameters_per_token(model: nn.Module) -> int:
+    """Parameters one token uses: every parameter outside the experts (the embeddings, attention,
+    routers, shared experts; tied weights once), and K experts of each MoE block."""
+    experts_per_token = {id(p): m.cfg.top_k for m in model.modules() if isinstance(m, MoE)
+                         for p in m.experts.parameters()}
+    return sum(p.numel() // p.shape[0] * experts_per_token[id(p)] if id(p) in experts_per_token
+               else p.numel() for p in model.parameters())
 
 
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,6 +138,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_plots:
         from .plots import write_plots
         write_plots(args.out, records, traffic.matrix, traffic.per_node)
-    summary = summarize(records, argparse.Namespace(ffn="moe", router="topk", top_k=0, num_experts=0))
+    cfg = blocks[0].moe.cfg
+    routing = argparse.Namespace(ffn="moe", router=cfg.router, top_k=cfg.top_k, num_experts=cfg.num_experts)
+    summary = summarize(records, routing, active_parameters_per_token(model))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -27,7 +27,8 @@ def write_plots(out: Path, records: list[dict[str, Any]], traffic: list[list[flo
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Writes a figure as a PNG (tight layout, 110 dpi) and closes it."""
+    """Writes a figure as a PNG (tight layout, 110 dpi; the folder made if needed) and closes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -71,6 +71,12 @@ def health_group(group: ProcessGroup) -> ProcessGroup:
     return made
 
 
+def forget_groups() -> None:
+    """Drops the cached health groups and sub-groups (at shutdown: they hold no process group then)."""
+    _HEALTH_GROUPS.clear()
+    _SUBGROUPS.clear()
+
+
 def _unresponsive_ranks(health: ProcessGroup | None) -> str:
     """Names the ranks that do not reach a monitored barrier on the health group (hung or dead)."""
     if health is None:
