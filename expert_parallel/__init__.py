@@ -39,7 +39,9 @@ from .integrations.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .integrations.ddp import data_parallel
 from .integrations.deepspeed import prepare_for_deepspeed
+from .integrations.fsdp import fully_shard
 from .layer import MoE, configure_debug
 from .ops.dispatch import CommReport
 from .ops.experts import FeedForward
@@ -89,8 +91,10 @@ __all__ = [
     "checkpoint",
     "clip_grad_norm_",
     "configure_debug",
+    "data_parallel",
     "detect_launcher",
     "export_single_device",
+    "fully_shard",
     "grad_norm",
     "import_single_device",
     "init_distributed",

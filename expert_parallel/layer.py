@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from .comm.distributed import (
@@ -15,13 +17,15 @@ from .comm.distributed import (
     check_node_layout,
     check_same_on_all_ranks,
     fingerprint,
+    full_tensor,
     group_ranks_per_node,
     group_size_and_rank,
+    unsharded,
 )
 from .comm.exchange import AllToAllDispatcher, HierarchicalDispatcher, guarded, health_group
 from .config import MoEConfig
 from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
-from .ops.experts import FeedForward, GroupedExperts, draw_base_seed
+from .ops.experts import FeedForward, GroupedExperts, RngSnapshot, draw_base_seed
 from .ops.losses import (
     MoEAux,
     empty_aux,
@@ -47,6 +51,20 @@ from .ops.routing import (
 SEED_HINT = (": every rank must build the model after the same torch.manual_seed(seed), so that the "
              "router and the experts start equal to the single-device model; seed per-rank randomness "
              "(data order, dropout) after building it, or give it a torch.Generator of its own")
+
+
+PLAIN_DDP = ("is inside a plain torch.nn.parallel.DistributedDataParallel, which is wrong for "
+             "expert-parallel layers: its constructor broadcast rank 0's parameters, so every rank's "
+             "experts are now rank 0's, and it would average the gradients of different experts over "
+             "the job. Wrap the model with ep.data_parallel(model, ctx) instead (DDP for the replicated "
+             "parameters, each expert's gradient reduced over its replicas), and rebuild or reload the "
+             "model first: its experts were overwritten")
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: a checkpointed forward being recomputed
+    (torch.utils.checkpoint, reentrant or not), whose side effects happened already."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def make_dispatcher(cfg: MoEConfig, ep_group: ProcessGroup, ranks_per_node: int | None) -> Dispatcher:
@@ -92,8 +110,13 @@ class MoE(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | None = None,
-                 ranks_per_node: int | None = None) -> None:
+                 ranks_per_node: int | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg, ep_group, ranks_per_node)
+
+    def _build(self, cfg: MoEConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None) -> None:
+        """The constructor's work on the default device (``device=``'s, when given)."""
         self.cfg = cfg
         self.ep_group = ep_group
         self.ep_size, self.ep_rank = group_size_and_rank(ep_group)
@@ -105,8 +128,10 @@ class MoE(nn.Module):
         self.check_finite = False  # opt-in: raise on NaN/Inf input or router logits
         self.check_splits = False  # opt-in: cross-check exchange split sizes between ranks
         local = cfg.num_experts // self.ep_size
+        # The generators' states before anything is drawn: reset_parameters() draws it all again.
+        self.init_rng = RngSnapshot.take()
         self.router = make_router(cfg)
-        # One draw from the global generator; expert i is initialised from (base_seed, i).
+        # One draw from the global CPU generator; expert i is initialised from (base_seed, i).
         base_seed = draw_base_seed()
         self.experts = GroupedExperts(cfg, base_seed, num_local=local, first=self.ep_rank * local)
         # Always-on shared experts (replicated like the router): keys shared_experts.w_in/w_gate/w_out.
@@ -117,7 +142,9 @@ class MoE(nn.Module):
         self.shared_gate = (nn.Linear(cfg.d_model, 1, bias=False, dtype=cfg.dtype)
                             if cfg.shared_expert_gate else None)
         self.base_seed = base_seed
-        self.check_replicas()
+        self.replicas_checked = False  # checked where values exist: now, reset_parameters or forward
+        if not self.router.weight.is_meta:
+            self.check_replicas()
         self.dispatcher: Dispatcher = LocalDispatcher()
         if ep_group is not None and self.ep_size > 1:
             self.dispatcher = make_dispatcher(cfg, ep_group, ranks_per_node)
@@ -129,11 +156,36 @@ class MoE(nn.Module):
         expert base seed; one ``all_gather_object``. Run at construction; call it again after
         replacing replicated weights (as ``ep.hf.expert_parallelize`` does)."""
         if self.ep_group is None:
+            self.replicas_checked = True
             return
-        replicas = {n: fingerprint(t) for n, t in self.state_dict().items() if not n.startswith("experts.")}
+        replicas = {n: fingerprint(full_tensor(t))  # NOTE: collective for a DTensor (fully_shard)
+                    for n, t in self.state_dict().items() if not n.startswith("experts.")}
         check_same_on_all_ranks({"MoEConfig": asdict(self.cfg),
                                  "MoE replicated state": {**replicas, "expert base seed": self.base_seed}},
                                 self.ep_group, hints={"MoE replicated state": SEED_HINT})
+        self.replicas_checked = True
+
+    def reset_parameters(self) -> None:
+        """Initialises every parameter and buffer in place (e.g. after ``to_empty`` of a model built
+        on the meta device) to exactly what a direct build after the same ``torch.manual_seed``
+        gives on this device, at any expert-parallel size: the generators' states of the
+        construction are restored for the duration, and the router, the expert base seed, the
+        experts and the shared experts are drawn again in the constructor's order. The expert bias
+        and the counts restart from zero. Then the replicas are checked (a collective over the
+        expert-parallel group)."""
+        device = self.router.weight.device
+        if device.type == "meta":
+            raise ValueError("MoE.reset_parameters: the parameters are on the meta device; move the "
+                             "model first (model.to_empty(device=...))")
+        with self.init_rng.restored(device), unsharded(self):
+            self.router.reset_parameters()
+            self.base_seed = draw_base_seed()
+            self.experts.reset_parameters(self.base_seed)
+            if self.shared_experts is not None:
+                self.shared_experts.reset_parameters()
+            if self.shared_gate is not None:
+                self.shared_gate.reset_parameters()
+        self.check_replicas()
 
     def forward(self, x_BLD: Tensor, router_logits: Tensor | None = None) -> tuple[Tensor, MoEAux]:
         """Routes every token to its experts and mixes their outputs.
@@ -154,8 +206,12 @@ class MoE(nn.Module):
             aux: the auxiliary losses and routing statistics (:class:`MoEAux`).
         """
         self._check_input(x_BLD)
+        self._refuse_plain_ddp()
+        if not self.replicas_checked:  # built on the meta device and loaded since
+            self.check_replicas()
         B, L, D = x_BLD.shape
-        self.calls += 1
+        if not in_backward():  # a recomputation (activation checkpointing) is the same call again
+            self.calls += 1
         info = CallInfo(self.layer_name, self.calls, self.check_splits)
         if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
             return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
@@ -219,11 +275,23 @@ class MoE(nn.Module):
         return plan, aux
 
     def _count_selections(self, plan: RoutingPlan) -> None:
-        """Aux-loss-free balancing: training forwards (training mode, grad enabled) add their
-        selected assignments to the router's load, which ep.update_expert_bias consumes."""
+        """Aux-loss-free balancing: training-mode forwards add their selected assignments to the
+        router's load, which ep.update_expert_bias consumes. A recomputation under activation
+        checkpointing (inside the backward) does not count again; the first forward counts, also
+        when it runs without grad (a reentrant checkpoint's)."""
         load = getattr(self.router, "expert_load", None)
-        if load is not None and self.training and torch.is_grad_enabled():
+        if load is not None and self.training and not in_backward():
             load += plan.selected_E
+
+    def _refuse_plain_ddp(self) -> None:
+        """RuntimeError when this expert-parallel layer runs inside a DistributedDataParallel that
+        manages its experts (plain DDP instead of ``ep.data_parallel``)."""
+        if self.ep_size == 1 or torch.compiler.is_compiling():
+            return
+        ddp = DistributedDataParallel._get_active_ddp_module()
+        managed = {id(p) for p in getattr(ddp, "_module_parameters", ())}
+        if any(id(p) in managed for p in self.experts.parameters()):
+            raise RuntimeError(f"{self.layer_name} {PLAIN_DDP}")
 
     def _shared(self, x_TD: Tensor) -> Tensor | None:
         """The always-on shared experts' output (times the sigmoid gate, with one); None without."""
@@ -254,10 +322,11 @@ class MoE(nn.Module):
         """
         full: dict[str, Tensor] = {}
         for name, value in self.state_dict().items():
+            value = full_tensor(value)  # NOTE: collective for a DTensor (ep.fully_shard's shards)
             if name.startswith("experts.") and self.ep_group is not None:
                 full[name] = all_gather_cat(value, self.ep_group)
             else:
-                full[name] = value.detach().clone()
+                full[name] = value.clone()
         return full
 
     def load_full_state_dict(self, full_sd: dict[str, Tensor]) -> None:
@@ -295,11 +364,14 @@ class MoE(nn.Module):
         if x_BLD.dim() != 3 or x_BLD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expected input [B, L, D] with D=d_model={cfg.d_model}, "
                              f"got shape {tuple(x_BLD.shape)}")
-        weight = self.experts.w_in
+        # The router's weight as this forward sees it: FSDP2's mixed precision has cast it (the
+        # experts, a unit of their own, are gathered and cast only when they run).
+        weight = self.router.weight
         if x_BLD.dtype != weight.dtype and not (autocast_on(x_BLD.device)
                                                  and x_BLD.dtype == compute_dtype(x_BLD)):
             raise ValueError(f"MoE input dtype {x_BLD.dtype} does not match the parameter dtype "
-                             f"{weight.dtype} (MoEConfig.dtype) or autocast's dtype")
+                             f"{weight.dtype} (MoEConfig.dtype, or FSDP2's param_dtype) or autocast's "
+                             f"dtype")
         if x_BLD.device != weight.device:
             raise ValueError(f"MoE input is on {x_BLD.device} but the parameters are on "
                              f"{weight.device}")

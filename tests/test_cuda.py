@@ -79,6 +79,26 @@ def test_fp32_master_weights_under_bf16_autocast_reach_grouped_mm(monkeypatch: p
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in moe.parameters())
 
 
+@pytest.mark.parametrize("overrides", ROUTERS)
+def test_built_on_the_gpu_or_on_meta_then_reset_on_the_gpu_alike(overrides: dict) -> None:
+    """Under torch.device("cuda") the experts come from CPU generators (no CPU generator is handed a
+    GPU tensor) and the rest from the GPU's; a meta build reset on the GPU gives the same values."""
+    cfg = ep.MoEConfig(d_model=16, d_ff=32, num_experts=8, **overrides)
+    torch.manual_seed(0)
+    with CUDA:
+        direct = ep.MoE(cfg)
+    assert all(p.device.type == "cuda" for p in direct.parameters())
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = ep.MoE(cfg)
+    meta.to_empty(device=CUDA).reset_parameters()
+    for key, value in direct.state_dict().items():
+        assert torch.equal(meta.state_dict()[key], value), key
+    torch.manual_seed(0)
+    on_cpu = ep.MoE(cfg)  # the experts do not depend on the device
+    torch.testing.assert_close(direct.experts.w_in.cpu(), on_cpu.experts.w_in, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sources", [1, 3])
 def test_grouped_mm_forward_and_backward_equal_the_segment_loop(sources: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:

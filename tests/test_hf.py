@@ -44,6 +44,13 @@ def test_expert_parallel_equals_the_unmodified_model(world: int, ep_size: int, t
     assert f"ALL OK {len(FAMILIES)} families with {world} ranks, ep_size {ep_size}" in out, out[-3000:]
 
 
+def test_fully_shard_trains_every_family_like_the_unmodified_model() -> None:
+    """ep.hf.expert_parallelize then ep.fully_shard at EP 2 x DP 2: one SGD step on the global batch
+    equals the unmodified model's (every parameter; experts as this rank's slice)."""
+    out = torchrun(4, "hf_equivalence.py", "--ep-size", "2", "--fully-shard", timeout=600)
+    assert f"ALL OK {len(FAMILIES)} families with 4 ranks, ep_size 2" in out, out[-3000:]
+
+
 def test_a_model_without_moe_blocks_is_refused() -> None:
     import transformers as tf
     model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(

@@ -104,3 +104,24 @@ def test_traffic_split_by_link_class() -> None:
     assert split["intra"] == matrix[0][1] + matrix[1][0] + matrix[2][3] + matrix[3][2]
     assert split["inter"] == sum(map(sum, matrix)) - split["self"] - split["intra"]
     assert traffic_by_class(matrix, per_node=4)["inter"] == 0.0
+
+
+def test_composition_flags_give_the_plain_runs_numbers(tmp_path: Path) -> None:
+    """--fsdp / --ddp with --activation-checkpointing and --grad-accum 2 at EP 2 x DP 2 compute the
+    loss curve of the plain run (sync_gradients, no checkpointing, one batch); --meta-init trains
+    (another initialisation: torch's layers draw nothing on the meta device)."""
+    args = ["--steps", "6", *ARGS[2:], "--ep-size", "2", "--no-plots", "--balance", "bias",
+            "--eval-every", "6"]
+    forms = {"plain": [], "fsdp": ["--fsdp", "--activation-checkpointing", "--grad-accum", "2"],
+             "ddp": ["--ddp", "--activation-checkpointing", "--grad-accum", "2"],
+             "meta": ["--fsdp", "--meta-init"]}
+    for name, extra in forms.items():
+        torchrun(4, ROOT / "examples" / "train_lm.py", *args, *extra, "--out", str(tmp_path / name))
+    plain = records(tmp_path / "plain")
+    for name in ("fsdp", "ddp"):
+        for a, b in zip(records(tmp_path / name), plain, strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-4 * b["loss"], (name, a["step"], a["loss"], b["loss"])
+            assert a["expert_counts"] == b["expert_counts"], (name, a["step"])
+        assert abs(records(tmp_path / name)[-1]["val_loss"] - plain[-1]["val_loss"]) < 1e-4
+    meta = records(tmp_path / "meta")
+    assert meta[0]["loss"] != plain[0]["loss"] and meta[-1]["loss"] < meta[0]["loss"]

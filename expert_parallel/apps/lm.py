@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.utils.checkpoint import checkpoint
 
+from ..comm.distributed import unsharded
 from ..config import MoEConfig
 from ..layer import MoE, configure_debug
 from ..ops.experts import FeedForward
@@ -112,6 +114,14 @@ class Block(nn.Module):
         return x_BLD + y_BLD, aux
 
 
+def lm_loss(logits: Tensor, auxes: list[MoEAux], targets_BL: Tensor) -> tuple[Tensor, Tensor, list[MoEAux]]:
+    """(task loss, task loss + all aux losses, aux list) of a forward's output: next-token
+    cross-entropy. For a wrapper (DistributedDataParallel) that must run the forward itself."""
+    task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BL.reshape(-1))
+    total = task + sum((a.loss for a in auxes), torch.zeros((), device=task.device))
+    return task, total, auxes
+
+
 class LanguageModel(nn.Module):
     """Decoder-only transformer LM; ``forward(idx_BL)`` returns logits [B, L, V] and the MoE aux list.
 
@@ -129,9 +139,29 @@ class LanguageModel(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied embeddings
+        self._init_embeddings()
+        self.activation_checkpointing = False  # recompute each block in the backward
+        configure_debug(self)  # MoE layers named "blocks.3.ffn" etc. in error messages
+
+    def _init_embeddings(self) -> None:
         for emb in (self.tok_emb, self.pos_emb):  # small embeddings: logits start near uniform
             nn.init.normal_(emb.weight, std=0.02)
-        configure_debug(self)  # MoE layers named "blocks.3.ffn" etc. in error messages
+
+    def init_weights(self) -> None:
+        """Initialises every parameter in place, e.g. after ``to_empty`` of a model built on the meta
+        device (also when sharded by ``ep.fully_shard``): each MoE by its ``reset_parameters``
+        (the values of a direct build from its generator state), every other module by its own, the
+        embeddings as the constructor does."""
+        inside_moe = {id(m) for moe in self.modules() if isinstance(moe, MoE) for m in moe.modules()}
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.reset_parameters()
+            elif id(module) not in inside_moe and isinstance(module, FeedForward):
+                with unsharded(module):
+                    module.reset_parameters()
+            elif id(module) not in inside_moe and isinstance(module, nn.Linear | nn.LayerNorm):
+                module.reset_parameters()
+        self._init_embeddings()
 
     def forward(self, idx_BL: Tensor) -> tuple[Tensor, list[MoEAux]]:
         """Logits [B, L, vocab] and the aux of every MoE block (first to last)."""
@@ -141,7 +171,10 @@ class LanguageModel(nn.Module):
         x_BLD = self.tok_emb(idx_BL) + self.pos_emb(torch.arange(L, device=idx_BL.device))
         auxes: list[MoEAux] = []
         for block in self.blocks:
-            x_BLD, aux = block(x_BLD)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x_BLD, aux = checkpoint(block, x_BLD, use_reentrant=False)
+            else:
+                x_BLD, aux = block(x_BLD)
             if aux is not None:
                 auxes.append(aux)
         return self.head(self.ln_f(x_BLD)), auxes
@@ -149,9 +182,7 @@ class LanguageModel(nn.Module):
     def loss(self, idx_BL: Tensor, targets_BL: Tensor) -> tuple[Tensor, Tensor, list[MoEAux]]:
         """(task loss, task loss + all aux losses, aux list): next-token cross-entropy."""
         logits, auxes = self(idx_BL)
-        task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BL.reshape(-1))
-        total = task + sum((a.loss for a in auxes), torch.zeros((), device=task.device))
-        return task, total, auxes
+        return lm_loss(logits, auxes, targets_BL)
 
     def active_parameters_per_token(self) -> int:
         """Parameters that one token uses in a forward pass (MoE: K of E experts; EC: cf of E)."""

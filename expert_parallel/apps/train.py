@@ -12,6 +12,8 @@ losses.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..comm.distributed import DistContext, init_distributed, launch_env
@@ -34,8 +38,11 @@ from ..integrations.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ..integrations.ddp import data_parallel
+from ..integrations.fsdp import fully_shard
+from ..ops.dispatch import CommReport
 from ..ops.losses import MoEAux
-from .lm import LanguageModel, LMConfig
+from .lm import LanguageModel, LMConfig, lm_loss
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +90,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", help="continue from the latest checkpoint, if there is one")
     add("--ckpt-dir", type=Path, default=None, help="checkpoint directory (default: OUT/checkpoints)")
     add("--export", type=Path, default=None, help="write the single-device state dict here at the end")
+    wrap = parser.add_mutually_exclusive_group()
+    wrap.add_argument("--ddp", action="store_true",
+                      help="DistributedDataParallel through ep.data_parallel (default: ep.sync_gradients)")
+    wrap.add_argument("--fsdp", action="store_true", help="FSDP2 through ep.fully_shard: every parameter "
+                      "sharded, the experts also over their dp replicas")
+    add("--activation-checkpointing", action="store_true",
+        help="recompute each block in the backward (torch.utils.checkpoint, non-reentrant)")
+    add("--grad-accum", type=int, default=1,
+        help="micro-batches per optimizer step (the global batch split in N), synchronised once")
+    add("--meta-init", action="store_true",
+        help="build on the meta device, then allocate and initialise in place (init_weights)")
     add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher
 
 
@@ -228,6 +246,8 @@ class Run:
     args: argparse.Namespace
     ctx: DistContext
     model: LanguageModel
+    """The model (sharded in place by --fsdp); ``forward`` is what runs it (DDP's wrapper)."""
+    forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
     train_data: Tensor
     val_data: Tensor
@@ -241,23 +261,41 @@ class Run:
         return self.ctx.rank == 0
 
     def local_slice(self, batch: Tensor) -> Tensor:
-        """This rank's sequences of a global batch, on this rank's device."""
-        local = self.args.batch_size // self.ctx.world_size
+        """This rank's sequences of a global batch (or micro-batch), on this rank's device."""
+        local = batch.shape[0] // self.ctx.world_size
         return batch[self.ctx.rank * local:(self.ctx.rank + 1) * local].to(self.ctx.device)
+
+    def micro_batches(self, batch: Tensor) -> list[Tensor]:
+        """This rank's slice of each of the --grad-accum micro-batches of a global batch."""
+        return [self.local_slice(part) for part in batch.chunk(self.args.grad_accum)]
+
+
+def build_model(args: argparse.Namespace, ctx: DistContext) -> tuple[LanguageModel, torch.nn.Module]:
+    """The model on this rank's device, wrapped as the options say; (model, the module to call)."""
+    torch.manual_seed(args.seed)
+    with torch.device("meta") if args.meta_init else contextlib.nullcontext():
+        model = LanguageModel(model_config(args), ep_group=ctx.ep_group)
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.fsdp:  # sharded first: a meta model is then allocated shard by shard
+        fully_shard(model, ctx)
+    if args.meta_init:
+        model.to_empty(device=ctx.device)
+        model.init_weights()
+    model.to(ctx.device)
+    return model, data_parallel(model, ctx) if args.ddp else model
 
 
 def setup(args: argparse.Namespace) -> Run:
     """Process groups, data, the model on this rank's device and its optimizer."""
     ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
-    if args.batch_size % ctx.world_size:
+    if args.grad_accum < 1 or args.batch_size % (ctx.world_size * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
-                         f"{ctx.world_size}")
+                         f"{ctx.world_size} times --grad-accum {args.grad_accum}")
     data = load_corpus(args.data)
     split = int(0.9 * data.numel())
-    torch.manual_seed(args.seed)
-    model = LanguageModel(model_config(args), ep_group=ctx.ep_group).to(ctx.device)
+    model, forward = build_model(args, ctx)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    run = Run(args, ctx, model, optimizer, data[:split], data[split:],
+    run = Run(args, ctx, model, forward, optimizer, data[:split], data[split:],
               gen=torch.Generator().manual_seed(args.seed + 1), traffic=Traffic(ctx.world_size),
               records=[])
     if run.leader:
@@ -273,10 +311,10 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     args, ctx, model = run.args, run.ctx, run.model
     start = time.perf_counter()
     x, y = get_batch(run.train_data, args.batch_size, args.seq_len, run.gen)
-    task, total, auxes = model.loss(run.local_slice(x), run.local_slice(y))
     run.optimizer.zero_grad()
-    total.backward()
-    sync_gradients(model, ctx)
+    task, auxes = accumulate(run, run.micro_batches(x), run.micro_batches(y))
+    if not (args.ddp or args.fsdp):  # those reduced in the backward
+        sync_gradients(model, ctx)
     clip_grad_norm_(model, 1.0, ctx)
     run.optimizer.step()
     update_expert_bias(model, ctx)  # aux-loss-free balancing (a no-op without an expert bias)
@@ -288,6 +326,48 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     if step % args.eval_every == 0 or step == args.steps:
         rec["val_loss"] = evaluate(model, ctx, run.val_data, args)
     return rec
+
+
+def accumulate(run: Run, xs: list[Tensor], ys: list[Tensor]) -> tuple[Tensor, list[MoEAux]]:
+    """Forward and backward of every micro-batch (loss / N), the gradient synchronisation of the
+    wrappers only with the last; returns the mean task loss and the MoE statistics of the whole
+    batch (expert counts and traffic summed over the micro-batches, the rest averaged)."""
+    tasks, per_micro = [], []
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        last = i == len(xs) - 1
+        if isinstance(run.model, FSDPModule):
+            run.model.set_requires_gradient_sync(last)
+        forward = run.forward
+        no_sync = (forward.no_sync() if isinstance(forward, DistributedDataParallel) and not last
+                   else contextlib.nullcontext())
+        with no_sync:
+            logits, auxes = run.forward(x)
+            task, total, auxes = lm_loss(logits, auxes, y)
+            (total / len(xs)).backward()
+        tasks.append(task.detach())
+        per_micro.append(auxes)
+    return torch.stack(tasks).mean(), merge_auxes(per_micro)
+
+
+def merge_auxes(per_micro: list[list[MoEAux]]) -> list[MoEAux]:
+    """One MoEAux per layer for several micro-batches: counts and traffic summed, the rest averaged."""
+    if len(per_micro) == 1:
+        return per_micro[0]
+    merged = []
+    for layer in zip(*per_micro, strict=True):
+        mean = {name: torch.stack([getattr(a, name) for a in layer]).float().mean()
+                for name in ("loss", "load_balance_loss", "z_loss", "router_entropy", "dropped_fraction",
+                             "seq_balance_loss", "max_violation")}
+        comms = [a.comm for a in layer if a.comm is not None]
+        comm = comms[0] if comms else None
+        if comm is not None:
+            def total(field: str, reports: list[CommReport] = comms) -> tuple[int, ...]:
+                return tuple(int(sum(v)) for v in zip(*(getattr(r, field) for r in reports), strict=True))
+            comm = dataclasses.replace(comm, sent_rows=total("sent_rows"), recv_rows=total("recv_rows"),
+                                       meta_bytes=total("meta_bytes"))
+        merged.append(dataclasses.replace(layer[0], **mean, comm=comm,
+                                          expert_counts=sum(a.expert_counts for a in layer)))
+    return merged
 
 
 def log_step(run: Run, rec: dict[str, Any], bar: tqdm) -> None:

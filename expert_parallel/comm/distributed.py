@@ -7,17 +7,20 @@ groups are {0, 1} and {2, 3} and the DP groups (ranks holding the same experts) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 # The collective timeout of the job (init_distributed's), for the groups made later (sub-groups of
@@ -327,6 +330,45 @@ def check_node_layout(group: ProcessGroup, per_node: int, from_launcher: bool = 
     if len(pairs) != len({v for v, _ in pairs}) or len(pairs) != len({g for _, g in pairs}):
         raise ValueError(f"{per_node} ranks per node put ranks of different nodes together (torchrun's "
                          f"GROUP_RANK per rank: {named}): ranks must be contiguous per node")
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor's whole value on every rank (a collective over its mesh); any other tensor as is.
+    Detached."""
+    return t.full_tensor().detach() if isinstance(t, DTensor) else t.detach()
+
+
+def copy_into_shard(shard: DTensor, whole: Tensor) -> None:
+    """Writes this rank's part of ``whole`` (the value of the DTensor on one mesh dimension, e.g.
+    FSDP2's ``Shard(d)``) into the DTensor's local shard; no communication."""
+    (placement,) = shard.placements
+    if not isinstance(placement, Shard):
+        raise ValueError(f"copy_into_shard: placement {placement} is not a Shard")
+    chunks = torch.chunk(whole, shard.device_mesh.size(), dim=placement.dim)  # FSDP2's and DTensor's split
+    k = shard.device_mesh.get_local_rank()
+    shard.to_local().copy_(chunks[k] if k < len(chunks) else whole.narrow(placement.dim, 0, 0))
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module) -> Iterator[None]:
+    """Within: the module's DTensor parameters (``ep.fully_shard``'s shards) as whole tensors on the
+    rank's device; after: each rank keeps its shard of what was written to them (no communication:
+    every rank writes the same values)."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter, Tensor]] = []
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if isinstance(p, DTensor):
+                whole = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+                owner._parameters[name] = nn.Parameter(whole, requires_grad=p.requires_grad)
+                swapped.append((owner, name, p, whole))
+    try:
+        yield
+    finally:
+        for owner, name, p, whole in swapped:
+            owner._parameters[name] = p
+            assert isinstance(p, DTensor)
+            with torch.no_grad():
+                copy_into_shard(p, whole)
 
 
 def all_gather_cat(x: Tensor, group: ProcessGroup) -> Tensor:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ..ops.experts import GroupedExperts
 from ..ops.routing import TopKRouter
@@ -51,22 +53,59 @@ def _with_grad_anywhere(params: list[nn.Parameter], group: ProcessGroup | None) 
     return [p for p, flag in zip(params, has.tolist(), strict=True) if flag]  # NOTE: host-device sync
 
 
+# Gradients are reduced in buckets of about this many bytes (DDP's default bucket size): a flat copy
+# of every gradient at once would double the gradient memory.
+BUCKET_BYTES = 25 * 2**20
+
+
+def buckets(tensors: list[Tensor], max_bytes: int = BUCKET_BYTES) -> list[list[Tensor]]:
+    """Consecutive tensors of one dtype, in groups of at most ``max_bytes`` (a larger tensor alone)."""
+    groups: list[list[Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if groups and groups[-1][0].dtype == t.dtype and size + nbytes <= max_bytes:
+            groups[-1].append(t)
+            size += nbytes
+        else:
+            groups.append([t])
+            size = nbytes
+    return groups
+
+
 def _all_reduce_grads(params: list[nn.Parameter], group: ProcessGroup | None, scale: float) -> None:
-    """grad <- scale * Σ_group grad, with one flat all-reduce per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    """grad <- scale * Σ_group grad, one all-reduce per bucket of gradients of one dtype."""
+    grads: list[Tensor] = []
     for p in _with_grad_anywhere(params, group):
-        if p.grad is None:  # another rank has one: every rank must send the same flat buffer
+        if p.grad is None:  # another rank has one: every rank must send the same buffers
             p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        grads.append(p.grad)
+    grads.sort(key=lambda g: str(g.dtype))  # stable: the same order on every rank
+    for bucket in buckets(grads, BUCKET_BYTES):
+        in_place = len(bucket) == 1 and bucket[0].is_contiguous()
+        flat = bucket[0].view(-1) if in_place else torch.cat([g.reshape(-1) for g in bucket])
         if dist.get_world_size(group) > 1:
             dist.all_reduce(flat, group=group)  # NOTE: collective
         flat.mul_(scale)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        if not in_place:
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+# Set on the DistributedDataParallel that ep.data_parallel returns: it reduces every gradient itself.
+REDUCES_EXPERTS = "_expert_parallel_reduces_experts"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (its ``module``), or the model itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def expert_reduction(params: list[nn.Parameter], ctx: DistContext) -> None:
+    """Expert gradients: summed over the ranks holding the same experts, divided by the world size."""
+    _all_reduce_grads(params, ctx.dp_group, 1.0 / ctx.world_size)
 
 
 def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
@@ -75,35 +114,60 @@ def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
     Non-expert gradients are averaged over the world; expert gradients are summed over the ranks that
     hold the same experts (ctx.dp_group) and divided by the world size. A parameter that has a
     gradient on some rank gets one everywhere (zeros where it had none, then the sum); a parameter
-    with no gradient on any rank keeps ``grad=None``. Every rank must call it.
+    with no gradient on any rank keeps ``grad=None``. Every rank must call it. Gradients are reduced
+    in buckets of about 25 MiB (``BUCKET_BYTES``).
+
+    Raises:
+        ValueError: ``model`` comes from ``ep.data_parallel``, whose backward reduced them already.
     """
+    if getattr(model, REDUCES_EXPERTS, None) is not None:
+        raise ValueError("sync_gradients: this model comes from ep.data_parallel, whose backward already "
+                         "reduced every gradient; call the optimizer directly")
+    if is_sharded(model):
+        raise ValueError("sync_gradients: this model is sharded (ep.fully_shard), whose backward already "
+                         "reduced every gradient; call the optimizer directly")
     shared, expert = split_parameters(model)
-    scale = 1.0 / ctx.world_size
-    _all_reduce_grads(shared, None, scale)
-    _all_reduce_grads(expert, ctx.dp_group, scale)
+    _all_reduce_grads(shared, None, 1.0 / ctx.world_size)
+    expert_reduction(expert, ctx)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are DTensor shards (FSDP2, ``ep.fully_shard``)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local_part(t: Tensor) -> Tensor:
+    """This rank's values of a tensor: a DTensor's local shard (sharing its storage), else itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def grad_norm(model: nn.Module, ctx: DistContext, norm_type: float = 2.0) -> Tensor:
     """The global gradient norm of the single-device model, each expert counted once.
 
     Call after :func:`sync_gradients` (then non-expert gradients agree on all ranks and expert
-    gradients agree across the DP group). Returns the same value on every rank.
+    gradients agree across the DP group), or after the backward of a ``data_parallel`` or
+    ``fully_shard`` model. Returns the same value on every rank.
     """
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"norm_type={norm_type} is invalid: expected 2.0 or math.inf")
     shared, expert = split_parameters(model)
     device = next(model.parameters()).device
+    op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
 
     def local(params: list[nn.Parameter]) -> Tensor:
-        grads = [p.grad.detach().float() for p in params if p.grad is not None]
+        grads = [local_part(p.grad.detach()).float() for p in params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=device)
         if norm_type == math.inf:
             return torch.stack([g.abs().max() for g in grads]).max()
         return torch.stack([g.square().sum() for g in grads]).sum()
 
+    if is_sharded(model):  # every element of the model lives in exactly one rank's shards
+        total = local(shared + expert)
+        if ctx.world_size > 1:
+            dist.all_reduce(total, op=op)  # NOTE: collective over the world
+        return total if norm_type == math.inf else total.sqrt()
     shared_part, expert_part = local(shared), local(expert)
-    op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
     if ctx.ep_size > 1:
         dist.all_reduce(expert_part, op=op, group=ctx.ep_group)  # NOTE: collective
     if norm_type == math.inf:
@@ -121,7 +185,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: DistContext,
     factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(factor.to(p.grad.dtype))
+            local_part(p.grad).mul_(factor.to(p.grad.dtype))
     return total
 
 

@@ -1,2 +1,3 @@
 """Layer 5, integrations with the rest of the ecosystem: ``checkpoint`` (torch.distributed.checkpoint,
-layout-independent) and ``deepspeed`` (the DeepSpeed engine)."""
+layout-independent), ``ddp`` (DistributedDataParallel: ``ep.data_parallel``) and ``deepspeed`` (the
+DeepSpeed engine)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..comm.distributed import DistContext
-from ..comm.grads import split_parameters
+from ..comm.distributed import DistContext, copy_into_shard, full_tensor
+from ..comm.grads import split_parameters, unwrap
 from ..layer import MoE
 
 
@@ -42,14 +43,33 @@ def _shard(local: Tensor, ctx: DistContext) -> DTensor:
     return DTensor.from_local(local, ctx.mesh, [Replicate(), Shard(0)], run_check=False)
 
 
-def model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+# Copies loaded values back into shards of the dp replicas (fully_shard's expert tensors).
+WriteBacks = list[Callable[[], None]]
+
+
+def _expert_view(t: Tensor, ctx: DistContext, write_backs: WriteBacks) -> DTensor:
+    """An expert tensor (this rank's e experts) as its rows of the single-device [E, ...] tensor.
+
+    Under ``ep.fully_shard`` the experts are also sharded over the dp replicas: they are gathered
+    over the replicas first (this rank's experts, one tensor at a time while the state is built),
+    and a write-back copies what a load fills in back into this rank's shard.
+    """
+    if not isinstance(t, DTensor):
+        return _shard(t, ctx)  # shares the tensor's storage: a load fills it in place
+    full = t.full_tensor()  # NOTE: collective over the dp replicas
+    write_backs.append(lambda: copy_into_shard(t, full))
+    return _shard(full, ctx)
+
+
+def model_state(model: nn.Module, ctx: DistContext, write_backs: WriteBacks) -> dict[str, Tensor]:
     """Parameters and persistent buffers by name (the state dict's entries, e.g. a router's
-    expert_bias); expert tensors as DTensors sharing the parameters' storage."""
+    expert_bias); expert tensors as DTensors of the single-device layout sharing the parameters'
+    storage (see :func:`_expert_view` for sharded ones); fully_shard's other DTensors as they are."""
     experts = _expert_ids(model)
     persistent = model.state_dict(keep_vars=True)
     state: dict[str, Tensor] = {n: b for n, b in model.named_buffers() if n in persistent}
     for name, p in model.named_parameters():
-        state[name] = _shard(p.detach(), ctx) if id(p) in experts else p.detach()
+        state[name] = _expert_view(p.detach(), ctx, write_backs) if id(p) in experts else p.detach()
     return state
 
 
@@ -73,7 +93,8 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: DistContext) -> dict[str, Any]:
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: DistContext,
+                    write_backs: WriteBacks) -> dict[str, Any]:
     """Optimizer state keyed by parameter name; expert-shaped state tensors sharded like experts."""
     ensure_optimizer_state(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -82,7 +103,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: Dis
     for p, entries in optimizer.state.items():
         for key, value in entries.items():
             sharded = id(p) in experts and isinstance(value, Tensor) and value.shape == p.shape
-            state[f"{names[id(p)]}.{key}"] = _shard(value, ctx) if sharded else value
+            state[f"{names[id(p)]}.{key}"] = _expert_view(value, ctx, write_backs) if sharded else value
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
     return {"state": state, "param_groups": groups}
@@ -107,6 +128,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
     Every rank calls it. Returns the checkpoint's path. ``directory/latest`` names it once it is complete.
     """
+    model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
     directory = Path(directory)
     final = directory / f"step_{step:08d}"
     tmp = directory / f"step_{step:08d}.tmp"
@@ -114,9 +136,11 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
         tmp.mkdir(parents=True)
     dist.barrier()  # NOTE: collective
-    state: dict[str, Any] = {"model": model_state(model, ctx), "meta": {"step": step, **(meta or {})}}
+    unused: WriteBacks = []
+    state: dict[str, Any] = {"model": model_state(model, ctx, unused),
+                             "meta": {"step": step, **(meta or {})}}
     if optimizer is not None:
-        state["optim"] = optimizer_state(optimizer, model, ctx)
+        state["optim"] = optimizer_state(optimizer, model, ctx, unused)
     dcp.save(state, checkpoint_id=tmp)  # NOTE: collective (every rank writes its shards)
     torch.save({"torch": torch.get_rng_state()}, _rng_file(tmp, ctx))
     dist.barrier()  # NOTE: collective: all shards are written before the rename
@@ -177,11 +201,16 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     ``meta`` is a template of the caller's extra entries (tensors are filled in place). The RNG state
     of this rank is restored when the checkpoint was written with the same world size.
     """
+    model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
     path = Path(path)
-    state: dict[str, Any] = {"model": model_state(model, ctx), "meta": {"step": 0, **(meta or {})}}
+    write_backs: WriteBacks = []
+    state: dict[str, Any] = {"model": model_state(model, ctx, write_backs),
+                             "meta": {"step": 0, **(meta or {})}}
     if optimizer is not None:
-        state["optim"] = optimizer_state(optimizer, model, ctx)
+        state["optim"] = optimizer_state(optimizer, model, ctx, write_backs)
     dcp.load(state, checkpoint_id=path)  # NOTE: collective; fills the tensors above in place
+    for write_back in write_backs:
+        write_back()
     if optimizer is not None:
         _restore_hyperparameters(optimizer, state["optim"]["param_groups"])
     if _rng_file(path, ctx).exists():
@@ -205,8 +234,10 @@ def _moe_modules(model: nn.Module) -> dict[str, MoE]:
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's single-device state dict: every MoE's experts gathered (a collective)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for prefix, moe in _moe_modules(model).items():
+    model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
+    moes = _moe_modules(model)
+    state = {k: full_tensor(v).clone() for k, v in model.state_dict().items() if _owner(k, moes) is None}
+    for prefix, moe in moes.items():
         state.update({prefix + k: v for k, v in moe.full_state_dict().items()})
     return state
 
@@ -224,6 +255,7 @@ def export_single_device(model: nn.Module, path: str | Path, ctx: DistContext) -
 
 def import_single_device(model: nn.Module, path: str | Path) -> None:
     """Loads a single-device state dict file into ``model`` in any layout (each rank its slice)."""
+    model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
     state = torch.load(path, map_location="cpu", weights_only=True)
     moes = _moe_modules(model)
     for prefix, moe in moes.items():

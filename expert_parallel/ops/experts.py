@@ -6,9 +6,11 @@ says how many rows each local expert owns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,27 +49,66 @@ def _seeded_generator(base_seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((base_seed * 1_000_003 + index) % (2**63 - 1))
 
 
+@dataclass(frozen=True)
+class RngSnapshot:
+    """The states of torch's generators that building a layer draws from: the CPU generator, and the
+    CUDA generator of the device it is built for (a CUDA default device, or the meta device on a
+    machine with CUDA, or wherever CUDA is in use already)."""
+
+    cpu: Tensor
+    cuda: Tensor | None = None
+    cuda_index: int | None = None
+
+    @staticmethod
+    def take() -> RngSnapshot:
+        default = torch.get_default_device()
+        if not torch.cuda.is_available() or not (default.type in ("cuda", "meta")
+                                                 or torch.cuda.is_initialized()):
+            return RngSnapshot(torch.get_rng_state())
+        index = default.index if default.type == "cuda" and default.index is not None else (
+            torch.cuda.current_device())
+        return RngSnapshot(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
+
+    @contextlib.contextmanager
+    def restored(self, device: torch.device) -> Iterator[None]:
+        """Within: the generators as they were at the snapshot (``device``'s CUDA generator too);
+        after: as they were before (the global random stream goes on undisturbed)."""
+        cuda = [device] if device.type == "cuda" else []
+        state = self.cuda
+        if cuda and state is None:
+            raise ValueError(f"reset_parameters on {device}: the layer was built without the CUDA "
+                             f"generator's state; build it under torch.device('cuda') or "
+                             f"torch.device('meta') on this machine")
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self.cpu)
+            if cuda and state is not None:
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
 def draw_base_seed() -> int:
-    """One draw from torch's global generator; every layer built afterwards draws a fresh one."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    """One draw from torch's global CPU generator (whatever the default device, the meta device
+    included); every layer built afterwards draws a fresh one."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item())  # NOTE: a CPU tensor, no device sync
 
 
-def _init_ffn(d_model: int, d_ff: int, gated: bool, bias: bool,
-              generator: torch.Generator | None) -> dict[str, Tensor]:
-    """One expert's weights in the dense layout (w_in [D, F], w_gate [D, F], w_out [F, D], biases)."""
+def _init_ffn(d_model: int, d_ff: int, gated: bool, bias: bool, generator: torch.Generator | None,
+              device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """One expert's weights in the dense layout (w_in [D, F], w_gate [D, F], w_out [F, D], biases),
+    on ``device`` (default: the default device), drawn from ``generator`` (default: that device's)."""
     def uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
         bound = 1.0 / math.sqrt(fan_in)
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        return torch.empty(shape, device=device).uniform_(-bound, bound, generator=generator)
 
     weights = {"w_in": uniform((d_model, d_ff), d_model)}
     if gated:
         weights["w_gate"] = uniform((d_model, d_ff), d_model)
     weights["w_out"] = uniform((d_ff, d_model), d_ff)
     if bias:
-        weights["b_in"] = torch.zeros(d_ff)
+        weights["b_in"] = torch.zeros(d_ff, device=device)
         if gated:
-            weights["b_gate"] = torch.zeros(d_ff)
-        weights["b_out"] = torch.zeros(d_model)
+            weights["b_gate"] = torch.zeros(d_ff, device=device)
+        weights["b_out"] = torch.zeros(d_model, device=device)
     return weights
 
 
@@ -285,12 +326,26 @@ class GroupedExperts(nn.Module):
         self.d_model, self.d_ff = cfg.d_model, cfg.d_ff
         self.first = first
         self.num_local = cfg.num_experts if num_local is None else num_local
-        per_expert = [_init_ffn(cfg.d_model, cfg.d_ff, cfg.gated, cfg.bias,
-                                _seeded_generator(base_seed, first + i))
-                      for i in range(self.num_local)]
-        for name in per_expert[0] if per_expert else []:
-            stacked = torch.stack([w[name] for w in per_expert]).to(cfg.dtype)
-            self.register_parameter(name, nn.Parameter(stacked))
+        self.gated, self.has_bias = cfg.gated, cfg.bias
+        # Empty first (on the default device; on the meta device nothing is drawn), then filled.
+        shapes = _init_ffn(cfg.d_model, cfg.d_ff, cfg.gated, cfg.bias, None, device="meta")
+        for name, shape in shapes.items():
+            weight = torch.empty((self.num_local, *shape.shape), dtype=cfg.dtype)
+            self.register_parameter(name, nn.Parameter(weight))
+        self.reset_parameters(base_seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, base_seed: int) -> None:
+        """Expert ``first + i`` from a CPU generator seeded with (base_seed, first + i) only: the same
+        values in every layout and on every device. On the meta device there is nothing to fill."""
+        params = dict(self.named_parameters())
+        if not params or next(iter(params.values())).is_meta:
+            return
+        for i in range(self.num_local):
+            weights = _init_ffn(self.d_model, self.d_ff, self.gated, self.has_bias,
+                                _seeded_generator(base_seed, self.first + i), device="cpu")
+            for name, value in weights.items():
+                params[name][i].copy_(value)  # to the parameter's device and dtype
 
     def weights(self) -> dict[str, Tensor]:
         """The stacked expert tensors by state-dict name."""
@@ -370,8 +425,17 @@ class FeedForward(nn.Module):
         self.activation, self.d_model = cfg.activation, d_model
         self.clamp = (cfg.swiglu_alpha, cfg.swiglu_limit)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.d_ff, self.gated, self.has_bias = d_ff, cfg.gated, bias
         for name, value in _init_ffn(d_model, d_ff, cfg.gated, bias, None).items():
             self.register_parameter(name, nn.Parameter(value.to(cfg.dtype)))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draws the weights again as the constructor did (torch's generator of their device)."""
+        device = next(self.parameters()).device
+        weights = _init_ffn(self.d_model, self.d_ff, self.gated, self.has_bias, None, device)
+        for name, value in weights.items():
+            getattr(self, name).copy_(value)
 
     def forward(self, x_BLD: Tensor) -> Tensor:
         """Args: x_BLD [..., D]. Returns: y [..., D], same shape and dtype."""
@@ -382,5 +446,5 @@ class FeedForward(nn.Module):
         return self.dropout(ffn(x_BLD, weights, self.activation, clamp=self.clamp))
 
 
-__all__ = ["ACTIVATIONS", "FeedForward", "GroupedExperts", "activate", "draw_base_seed", "ffn", "glu",
-           "segment_mm", "segment_order", "segments"]
+__all__ = ["ACTIVATIONS", "FeedForward", "GroupedExperts", "RngSnapshot", "activate", "draw_base_seed",
+           "ffn", "glu", "segment_mm", "segment_order", "segments"]

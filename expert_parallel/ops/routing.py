@@ -90,8 +90,20 @@ class Router(nn.Module):
         super().__init__()
         self.jitter = jitter
         self.router_dtype = to_dtype("router_dtype", router_dtype)
-        self.weight = nn.Parameter((torch.randn(num_outputs, d_model) * 0.02).to(to_dtype("dtype", dtype)))
-        self.bias = nn.Parameter(torch.zeros(num_outputs, dtype=self.weight.dtype)) if bias else None
+        self.weight = nn.Parameter(torch.empty(num_outputs, d_model, dtype=to_dtype("dtype", dtype)))
+        self.bias = nn.Parameter(torch.empty(num_outputs, dtype=self.weight.dtype)) if bias else None
+        Router._fill(self)
+
+    @torch.no_grad()
+    def _fill(self) -> None:
+        """weight ~ N(0, 0.02²) drawn in fp32 on its device (that device's generator), bias zero."""
+        self.weight.copy_(torch.randn(self.weight.shape, device=self.weight.device) * 0.02)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def reset_parameters(self) -> None:
+        """Initialises in place, drawing from torch's generators as the constructor did."""
+        Router._fill(self)
 
     def router_input(self, x_XD: Tensor) -> Tensor:
         """x in router_dtype, multiplied by the jitter noise in training."""
@@ -169,12 +181,20 @@ class TopKRouter(Router):
         """Routes x [..., D]: gates [..., K], indices [..., K], probs [..., E]."""
         return self.route(self.logits(x_XD))
 
+    def reset_parameters(self) -> None:
+        """The weight as the constructor draws it; the expert bias and the counts zero."""
+        super().reset_parameters()
+        for buffer in (self.expert_bias, self.expert_load):
+            if buffer is not None:
+                buffer.zero_()
+
     def _apply(self, fn: Any, recurse: bool = True) -> TopKRouter:
         # expert_bias stays fp32 whatever the model's dtype: .to(bfloat16) moves it, never casts it.
         bias = self.expert_bias
         super()._apply(fn, recurse)
         if bias is not None:
-            self.expert_bias = bias.to(fn(bias[:0]).device)
+            device = fn(bias[:0]).device  # a meta bias has no values to move (to_empty)
+            self.expert_bias = torch.empty_like(bias, device=device) if bias.is_meta else bias.to(device)
         return self
 
 
@@ -187,6 +207,12 @@ class NoisyTopKRouter(TopKRouter):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, **kwargs: object) -> None:
         super().__init__(d_model, num_experts, top_k, **kwargs)  # type: ignore[arg-type]
         self.noise = nn.Linear(d_model, num_experts, bias=False, dtype=self.weight.dtype)
+        nn.init.zeros_(self.noise.weight)
+
+    def reset_parameters(self) -> None:
+        """As the constructor: the weight drawn, then the noise projection's (drawn, then zeroed)."""
+        super().reset_parameters()
+        self.noise.reset_parameters()
         nn.init.zeros_(self.noise.weight)
 
     def logits(self, x_XD: Tensor) -> Tensor:

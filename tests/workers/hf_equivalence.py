@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import expert_parallel as ep
+from expert_parallel.comm.distributed import full_tensor
 from tests.hf_models import FAMILIES, tiny_model
 
 GLOBAL_BATCH, L = 4, 16
@@ -50,7 +51,7 @@ def expert_view(ref: torch.nn.Module, name: str, first: int, count: int) -> torc
     return views[kind][first:first + count]
 
 
-def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None) -> None:
+def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None, shard: bool = False) -> None:
     ref = tiny_model(family)
     model = ep.hf.expert_parallelize(copy.deepcopy(ref), ctx)
     g = torch.Generator().manual_seed(7)
@@ -68,19 +69,23 @@ def run_family(family: str, ctx: ep.DistContext, save_dir: Path | None) -> None:
     model.train()
     ref.train()
     counts = selections(ref, idx[:, :-1]) if family in BIASED else None
+    if shard:  # FSDP2: every parameter sharded, the experts also over their dp replicas
+        model = ep.fully_shard(model, ctx)
     loss = model(mine[:, :-1], labels=mine[:, 1:]).loss
     loss.backward()
-    ep.sync_gradients(model, ctx)
+    if not shard:
+        ep.sync_gradients(model, ctx)
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     ref(idx[:, :-1], labels=idx[:, 1:]).loss.backward()
     torch.optim.SGD(ref.parameters(), lr=0.1).step()
     for name, p in model.named_parameters():
+        value = full_tensor(p)  # fully_shard's shards gathered (this rank's experts)
         if ".moe.experts." in name:
             moe = model.get_submodule(name.split(".moe.experts.")[0] + ".moe")
             first, count = moe.experts.first, moe.experts.num_local
-            close(p, expert_view(ref, name, first, count), f"{family}: {name} after a step")
+            close(value, expert_view(ref, name, first, count), f"{family}: {name} after a step")
         elif ".moe.router." not in name:  # the router weight is the gate's (same tensor)
-            close(p, ref.get_parameter(name), f"{family}: {name} after a step")
+            close(value, ref.get_parameter(name), f"{family}: {name} after a step")
     if counts is not None:
         check_bias_update(model, ref, counts, ctx, family)
     if save_dir is not None:
@@ -225,10 +230,11 @@ def main() -> int:
     parser.add_argument("--ep-size", type=int, required=True)
     parser.add_argument("--save", type=Path, default=None, help="also check save_pretrained into DIR")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--fully-shard", action="store_true", help="train the step under ep.fully_shard")
     args = parser.parse_args()
     ctx = ep.init_distributed(ep_size=args.ep_size, backend="gloo", timeout=120)
     for family in args.families:
-        run_family(family, ctx, args.save)
+        run_family(family, ctx, args.save, args.fully_shard)
         if ctx.rank == 0:
             print(f"ok {family}", flush=True)
     if ctx.ep_size > 1:

@@ -1,0 +1,92 @@
+"""DistributedDataParallel for models holding expert-parallel MoE layers: ``ep.data_parallel``.
+
+Plain ``DistributedDataParallel(model)`` is wrong for them: its constructor broadcasts rank 0's
+parameters, so every rank's experts become rank 0's, and its reducer then averages the gradients of
+different experts over the whole world. ``data_parallel`` gives DDP (bucketed, overlapped with the
+backward) the parameters that are replicated on every rank, and reduces the expert gradients itself
+at the end of the backward, as ``ep.sync_gradients`` does: summed over the ranks that hold the same
+experts (``ctx.dp_group``) and divided by the world size. DDP's ``no_sync()`` skips both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..comm.distributed import DistContext
+from ..comm.grads import REDUCES_EXPERTS, expert_reduction, split_parameters
+from ..ops.routing import TopKRouter
+
+
+def _per_rank_names(model: nn.Module) -> list[str]:
+    """Parameters and buffers that differ between the ranks on purpose: the experts (each rank
+    holds its own) and the routers' per-rank selection counts (summed by ep.update_expert_bias)."""
+    _, expert = split_parameters(model)
+    expert_ids = {id(p) for p in expert}
+    names = [n for n, p in model.named_parameters() if id(p) in expert_ids]
+    for name, module in model.named_modules():
+        if isinstance(module, TopKRouter) and module.expert_load is not None:
+            names.append(f"{name}.expert_load" if name else "expert_load")
+    return names
+
+
+class _ExpertGradients:
+    """Reduces the expert gradients once at the end of every backward whose forward ran with DDP's
+    gradient synchronisation on (not inside ``no_sync()``)."""
+
+    def __init__(self, ddp: DistributedDataParallel, ctx: DistContext) -> None:
+        self.ddp, self.ctx = ddp, ctx
+        _, self.params = split_parameters(ddp.module)
+        self.sync = True  # taken at each forward, as DDP does
+        self.queued = False
+        ddp.register_forward_pre_hook(self._at_forward)
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._at_grad)
+
+    def _at_forward(self, module: nn.Module, args: Any) -> None:
+        self.sync = bool(self.ddp.require_backward_grad_sync) and torch.is_grad_enabled()
+
+    def _at_grad(self, param: torch.Tensor) -> None:
+        if self.sync and not self.queued:
+            self.queued = True
+            # runs once the whole backward is done, on every rank (each rank's backward reaches its
+            # experts: the exchange's backward is collective)
+            torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
+
+    def _reduce(self) -> None:
+        self.queued = False
+        expert_reduction(self.params, self.ctx)
+
+
+def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> DistributedDataParallel:
+    """Wraps ``model`` in DistributedDataParallel that is right for expert-parallel MoE layers.
+
+    DDP broadcasts, buckets and averages the replicated parameters over the whole job (its usual
+    work, overlapped with the backward); the experts and the routers' per-rank counts are left out of
+    it, and the expert gradients are reduced at the end of each backward over ``ctx.dp_group``,
+    divided by the world size. After ``loss.backward()`` every gradient equals what
+    :func:`ep.sync_gradients` gives on the unwrapped model, so do not call it. ``no_sync()``
+    accumulates locally (gradient accumulation); the next backward outside it reduces the sum.
+
+    Args:
+        model: the model (its MoE layers built with ``ep_group=ctx.ep_group``), on ``ctx.device``.
+        ctx: the job's context.
+        **ddp_kwargs: passed to DistributedDataParallel (e.g. ``bucket_cap_mb``,
+            ``find_unused_parameters``); ``device_ids`` defaults to ``[ctx.device.index]`` on CUDA.
+
+    Returns:
+        The DistributedDataParallel module (``.module`` is ``model``).
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("data_parallel: the model is wrapped in DistributedDataParallel already; pass "
+                         "the unwrapped model")
+    ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(_per_rank_names(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
+    if ctx.device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [ctx.device.index])
+    ddp = DistributedDataParallel(model, **ddp_kwargs)
+    setattr(ddp, REDUCES_EXPERTS, _ExpertGradients(ddp, ctx))
+    return ddp
