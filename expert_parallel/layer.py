@@ -159,11 +159,25 @@ class MoE(nn.Module):
             self.replicas_checked = True
             return
         replicas = {n: fingerprint(full_tensor(t))  # NOTE: collective for a DTensor (fully_shard)
-                    for n, t in self.state_dict().items() if not n.startswith("experts.")}
+                    for n, t in self._replicated_state().items()}
         check_same_on_all_ranks({"MoEConfig": asdict(self.cfg),
                                  "MoE replicated state": {**replicas, "expert base seed": self.base_seed}},
                                 self.ep_group, hints={"MoE replicated state": SEED_HINT})
         self.replicas_checked = True
+
+    def _replicated_state(self) -> dict[str, Tensor]:
+        """The parameters and persistent buffers outside the experts, by state-dict name; read off
+        the modules, not through ``state_dict()``, whose FSDP2 hooks would reshard a block in the
+        middle of its forward."""
+        state: dict[str, Tensor] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, GroupedExperts):
+                continue
+            prefix = f"{name}." if name else ""
+            state.update({prefix + n: p for n, p in module._parameters.items() if p is not None})
+            state.update({prefix + n: b for n, b in module._buffers.items()
+                          if b is not None and n not in module._non_persistent_buffers_set})
+        return state
 
     def reset_parameters(self) -> None:
         """Initialises every parameter and buffer in place (e.g. after ``to_empty`` of a model built
@@ -364,14 +378,16 @@ class MoE(nn.Module):
         if x_BLD.dim() != 3 or x_BLD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expected input [B, L, D] with D=d_model={cfg.d_model}, "
                              f"got shape {tuple(x_BLD.shape)}")
-        # The router's weight as this forward sees it: FSDP2's mixed precision has cast it (the
-        # experts, a unit of their own, are gathered and cast only when they run).
+        # The parameters as this forward sees them: the config's dtype, or FSDP2's param_dtype, which
+        # has cast the router by now (the experts, a unit of their own, are cast when they run); a
+        # router kept in fp32 in a bf16 model (transformers' DeepSeek-V3) does not decide.
         weight = self.router.weight
-        if x_BLD.dtype != weight.dtype and not (autocast_on(x_BLD.device)
-                                                 and x_BLD.dtype == compute_dtype(x_BLD)):
+        allowed = {self.cfg.dtype, weight.dtype}
+        if x_BLD.dtype not in allowed and not (autocast_on(x_BLD.device)
+                                               and x_BLD.dtype == compute_dtype(x_BLD)):
             raise ValueError(f"MoE input dtype {x_BLD.dtype} does not match the parameter dtype "
-                             f"{weight.dtype} (MoEConfig.dtype, or FSDP2's param_dtype) or autocast's "
-                             f"dtype")
+                             f"{self.cfg.dtype} (MoEConfig.dtype, or FSDP2's param_dtype {weight.dtype}) "
+                             f"or autocast's dtype")
         if x_BLD.device != weight.device:
             raise ValueError(f"MoE input is on {x_BLD.device} but the parameters are on "
                              f"{weight.device}")

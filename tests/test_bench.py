@@ -166,3 +166,23 @@ def test_bench_runs_expert_parallel_under_torchrun(tmp_path: Path) -> None:
          "--json", str(out_json)], timeout=300, env={"OMP_NUM_THREADS": "1"})
     result = json.loads(out_json.read_text())
     assert result["ep_size"] == 2 and result["points"][0]["median_s"]["ours"] > 0
+
+
+def test_compose_command_reports_bytes_times_and_reduction_peaks(tmp_path: Path) -> None:
+    """expert-parallel compose at EP 2: fully_shard holds half the dense bytes of the plain model
+    (2 ranks) and the same expert bytes (dp 1); DDP holds what the plain model holds; buckets take
+    less peak memory in sync_gradients than one flat buffer."""
+    out_json = tmp_path / "compose.json"
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "expert_parallel", "compose", "--repeats", "1", "--batch-size", "4", "--seq-len", "32",
+               "--d-model", "64", "--n-layers", "1", "--json", str(out_json)], timeout=300)
+    assert "fully_shard" in out
+    result = json.loads(out_json.read_text())
+    held = {form: {kind: sum(parts.values()) for kind, parts in kinds.items()}
+            for form, kinds in result["bytes"].items()}
+    plain, sharded = held["sync_gradients"], held["fully_shard"]
+    assert abs(sharded["dense"] / plain["dense"] - 0.5) < 0.05, held
+    assert sharded["expert"] == plain["expert"] and held["data_parallel"] == plain, held
+    assert all(result["median_s"][form] > 0 for form in result["median_s"])
+    peaks = result["sync_gradients_peak_bytes"]
+    assert peaks["256 KiB buckets"] < peaks["one flat buffer"] <= 1.1 * peaks["gradients"], peaks

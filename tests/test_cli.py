@@ -49,7 +49,7 @@ def test_help_describes_every_command(capsys) -> None:
     commands = re.search(r"\{([\w,-]+)\}", out)
     assert commands is not None, out
     names = commands.group(1).split(",")
-    assert len(names) == 8, names
+    assert len(names) == 9, names
     description = out.split("positional arguments:")[0]
     missing = [name for name in names if f"{name} (" not in description]
     assert not missing, (missing, description)

@@ -147,3 +147,13 @@ def test_nccl_expert_parallel_equals_the_reference() -> None:
     out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(WORKERS / "ep_equivalence.py"), "--ep-size", "2", "--backend", "nccl"], timeout=300)
     assert "ALL OK" in out, out[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_compositions_on_nccl_equal_the_reference() -> None:
+    """data_parallel, fully_shard, activation checkpointing, meta init and plain DDP refused, on NCCL
+    (the default backend under torchrun with a GPU per rank), against the single-device reference."""
+    from tests.procs import torchrun
+
+    out = torchrun(2, "compose.py", "--ep-size", "2", timeout=600)
+    assert "ALL OK 5 with 2 ranks, ep_size 2" in out, out[-3000:]

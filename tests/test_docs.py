@@ -176,6 +176,9 @@ COMMANDS: dict[str, Run | Elsewhere | NotRun] = {
         Run(f"{SMALL_BENCH} --values 8,16"),
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m expert_parallel bench --overlap-probe":
         Elsewhere("tests/test_bench.py::test_overlap_probe_under_torchrun"),
+    "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m expert_parallel compose --ep-size 2 "
+    "--json runs/compose_w4.json":
+        Elsewhere("tests/test_bench.py::test_compose_command_reports_bytes_times_and_reduction_peaks"),
     # docs/hf.md
     'pip install -e ".[hf]"': NotRun("an install step; the test command installs the hf extra"),
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 examples/finetune_hf.py --family "

@@ -207,3 +207,23 @@ def test_quantized_gpt_oss_experts_are_refused_by_from_pretrained(tmp_path: Path
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"quantised .*gate_up_proj_blocks.*Mxfp4Config\(dequantize=True\)"):
         ep.hf.from_pretrained(tmp_path)
+
+
+def test_finetune_flags_give_the_plain_runs_losses_and_a_loadable_model(tmp_path: Path) -> None:
+    """finetune-hf at EP 2 x DP 2 with --fsdp / --ddp, transformers' gradient checkpointing and
+    --grad-accum 2: the losses of the plain run (sync_gradients, one batch); the sharded run's
+    save_pretrained loads in plain transformers."""
+    args = ["--family", "deepseek_v3", "--steps", "3", "--eval-every", "3", "--no-plots", "--ep-size", "2"]
+    forms = {"plain": [], "fsdp": ["--fsdp", "--activation-checkpointing", "--grad-accum", "2"],
+             "ddp": ["--ddp", "--grad-accum", "2"]}
+    losses = {}
+    for name, extra in forms.items():
+        torchrun(4, ROOT / "examples" / "finetune_hf.py", *args, *extra, "--out", str(tmp_path / name),
+                 timeout=300)
+        losses[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
+    for name in ("fsdp", "ddp"):
+        for a, b in zip(losses[name], losses["plain"], strict=True):
+            assert abs(a - b) < 1e-4 * b, (name, losses)
+    loaded = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "fsdp" / "model")],
+                            capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "loaded deepseek_v3 True bias trained True" in loaded, loaded

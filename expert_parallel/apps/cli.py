@@ -1,8 +1,10 @@
 """The expert-parallel command. Its sub-commands: demo (one MoE block trained on random data),
 train (the MoE language model), compare (dense vs MoE variants), bench (forward+backward time against
-the floor and DeepSpeed), finetune-hf (a Hugging Face MoE model, expert-parallel), scaling (flat vs
-hierarchical exchange on a multi-node job), plan-cluster (the cluster cost model) and info (versions
-and devices). Each runs as one process or under any launcher; COMMAND --help lists its options."""
+the floor and DeepSpeed), compose (the language model under sync_gradients, DDP, FSDP2 and activation
+checkpointing: bytes held, step time, peak memory), finetune-hf (a Hugging Face MoE model,
+expert-parallel), scaling (flat vs hierarchical exchange on a multi-node job), plan-cluster (the
+cluster cost model) and info (versions and devices). Each runs as one process or under any launcher;
+COMMAND --help lists its options."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from .. import __version__
 from ..comm.distributed import default_backend, launch_env
 from ..comm.shutdown import shutdown
-from . import bench, compare, demo, finetune_hf, plan_cluster, scaling
+from . import bench, compare, compose_bench, demo, finetune_hf, plan_cluster, scaling
 from . import train as train_lm
 
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser = sub.add_parser("compare", help="dense vs MoE variants at equal active parameters")
     compare.add_arguments(compare_parser)
     bench.add_arguments(sub.add_parser("bench", help="forward+backward time vs the floor and DeepSpeed"))
+    compose_bench.add_arguments(sub.add_parser(
+        "compose", help="the LM under sync_gradients, DDP, FSDP2, checkpointing: memory and time"))
     finetune_hf.add_arguments(sub.add_parser(
         "finetune-hf", help="fine-tune a Hugging Face MoE model expert-parallel (the hf extra)"))
     scaling.add_arguments(sub.add_parser(
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         compare.compare(args)
     elif args.command == "bench":
         bench.bench(args)
+    elif args.command == "compose":
+        compose_bench.compose(args)
     elif args.command == "scaling":
         scaling.scaling(args)
     elif args.command == "plan-cluster":

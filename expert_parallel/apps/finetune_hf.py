@@ -13,19 +13,25 @@ progress bar, metrics.jsonl and the plots are the LM example's. At the end rank 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..comm.distributed import init_distributed
+from ..comm.distributed import DistContext, init_distributed
 from ..comm.grads import clip_grad_norm_, sync_gradients, update_expert_bias
+from ..integrations.ddp import data_parallel
+from ..integrations.fsdp import fully_shard
 from ..layer import MoE
-from .train import Traffic, get_batch, held_out_loss, load_corpus, step_stats, summarize
+from ..ops.losses import MoEAux
+from .train import Traffic, get_batch, held_out_loss, load_corpus, merge_auxes, step_stats, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=int, default=25)
     add("--log-every", type=int, default=10)
     add("--no-plots", action="store_true")
+    wrap = parser.add_mutually_exclusive_group()
+    wrap.add_argument("--ddp", action="store_true", help="DistributedDataParallel through ep.data_parallel")
+    wrap.add_argument("--fsdp", action="store_true", help="FSDP2 through ep.fully_shard")
+    add("--activation-checkpointing", action="store_true",
+        help="transformers' gradient checkpointing of every decoder layer (non-reentrant)")
+    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, synchronised once")
     add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the DeepSpeed launcher
 
 
@@ -73,6 +85,27 @@ def active_parameters_per_token(model: nn.Module) -> int:
                else p.numel() for p in model.parameters())
 
 
+def accumulate(model: nn.Module, forward: nn.Module, ctx: DistContext, xs: tuple[Tensor, ...],
+               ys: tuple[Tensor, ...], blocks: list[Any]) -> tuple[Tensor, list[MoEAux]]:
+    """Forward and backward of every micro-batch of the global batch (this rank's slice, loss / N),
+    the wrappers' gradient synchronisation with the last only; the mean loss and merged statistics."""
+    losses, per_micro = [], []
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        last = i == len(xs) - 1
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
+        local = x.shape[0] // ctx.world_size
+        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
+        no_sync = (forward.no_sync() if isinstance(forward, DistributedDataParallel) and not last
+                   else contextlib.nullcontext())
+        with no_sync:
+            out = forward(x[sl].to(ctx.device), labels=y[sl].to(ctx.device))
+            (out.loss / len(xs)).backward()
+        losses.append(out.loss.detach())
+        per_micro.append([b.last_aux for b in blocks if b.last_aux is not None])
+    return torch.stack(losses).mean(), merge_auxes(per_micro)
+
+
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Trains, logs and saves; returns the summary (rank 0)."""
     from transformers import AutoModelForCausalLM
@@ -80,9 +113,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     from .. import hf
 
     ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
-    if args.batch_size % ctx.world_size:
+    if args.grad_accum < 1 or args.batch_size % (ctx.world_size * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
-                         f"{ctx.world_size}")
+                         f"{ctx.world_size} times --grad-accum {args.grad_accum}")
     torch.manual_seed(args.seed)  # every rank builds the same model
     model: Any
     if args.model is not None:
@@ -90,12 +123,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model = hf.expert_parallelize(AutoModelForCausalLM.from_config(tiny_config(args.family)), ctx)
     model = model.to(ctx.device).train()
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fsdp:
+        fully_shard(model, ctx)
+    forward = data_parallel(model, ctx) if args.ddp else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = load_corpus(None)
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
     gen = torch.Generator().manual_seed(args.seed + 1)
-    leader, local = ctx.rank == 0, args.batch_size // ctx.world_size
+    leader = ctx.rank == 0
     blocks = [m for m in model.modules() if isinstance(m, hf.ExpertParallelBlock)]
     records: list[dict[str, Any]] = []
     traffic = Traffic(ctx.world_size)
@@ -107,16 +145,15 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     for step in tqdm(range(1, args.steps + 1), disable=not leader, desc="finetune", unit="step"):
         start = time.perf_counter()
         x, y = get_batch(train_data, args.batch_size, args.seq_len, gen)
-        sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
-        out = model(x[sl].to(ctx.device), labels=y[sl].to(ctx.device))
         optimizer.zero_grad()
-        out.loss.backward()
-        sync_gradients(model, ctx)
+        loss, auxes = accumulate(model, forward, ctx, x.chunk(args.grad_accum), y.chunk(args.grad_accum),
+                                 blocks)
+        if not (args.ddp or args.fsdp):  # those reduced in the backward
+            sync_gradients(model, ctx)
         clip_grad_norm_(model, 1.0, ctx)
         optimizer.step()
         update_expert_bias(model, ctx)  # DeepSeek-V3's e_score_correction_bias; a no-op otherwise
-        auxes = [b.last_aux for b in blocks if b.last_aux is not None]
-        stats = step_stats(ctx, out.loss.detach(), auxes)
+        stats = step_stats(ctx, loss, auxes)
         traffic.add(stats.pop("sent_bytes"), ctx.ep_size)
         elapsed = time.perf_counter() - start
         rec = {"step": step, **stats, "tokens_per_s": args.batch_size * args.seq_len / elapsed}

@@ -156,12 +156,13 @@ class LanguageModel(nn.Module):
         for module in self.modules():
             if isinstance(module, MoE):
                 module.reset_parameters()
-            elif id(module) not in inside_moe and isinstance(module, FeedForward):
+            elif id(module) not in inside_moe and isinstance(module, FeedForward | nn.Linear | nn.LayerNorm):
+                # whole tensors drawn alike on every rank, each rank keeping its shard: DTensor's
+                # own random fill on a CPU mesh would draw the same values into every shard
                 with unsharded(module):
                     module.reset_parameters()
-            elif id(module) not in inside_moe and isinstance(module, nn.Linear | nn.LayerNorm):
-                module.reset_parameters()
-        self._init_embeddings()
+        with unsharded(self.tok_emb), unsharded(self.pos_emb):
+            self._init_embeddings()
 
     def forward(self, idx_BL: Tensor) -> tuple[Tensor, list[MoEAux]]:
         """Logits [B, L, vocab] and the aux of every MoE block (first to last)."""

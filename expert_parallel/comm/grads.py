@@ -28,9 +28,15 @@ from ..ops.routing import TopKRouter
 from .distributed import DistContext
 
 
+def expert_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of every expert parameter (inside a GroupedExperts), trainable or frozen: each rank holds
+    its own, so no wrapper may broadcast or average them over the job."""
+    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(non-expert, expert) trainable parameters of ``model``; expert = inside a GroupedExperts."""
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    expert_ids = expert_parameter_ids(model)
     shared: list[nn.Parameter] = []
     expert: list[nn.Parameter] = []
     for p in model.parameters():

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..comm.distributed import DistContext, copy_into_shard, full_tensor
-from ..comm.grads import split_parameters, unwrap
+from ..comm.grads import expert_parameter_ids, unwrap
 from ..layer import MoE
 
 
 def _expert_ids(model: nn.Module) -> set[int]:
-    return {id(p) for p in split_parameters(model)[1]}
+    return expert_parameter_ids(model)  # frozen experts too: every rank saves its own
 
 
 def _shard(local: Tensor, ctx: DistContext) -> DTensor:

@@ -13,19 +13,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_leaves
 
 from ..comm.distributed import DistContext
-from ..comm.grads import REDUCES_EXPERTS, expert_reduction, split_parameters
+from ..comm.grads import REDUCES_EXPERTS, expert_parameter_ids, expert_reduction, split_parameters
 from ..ops.routing import TopKRouter
 
 
 def _per_rank_names(model: nn.Module) -> list[str]:
     """Parameters and buffers that differ between the ranks on purpose: the experts (each rank
     holds its own) and the routers' per-rank selection counts (summed by ep.update_expert_bias)."""
-    _, expert = split_parameters(model)
-    expert_ids = {id(p) for p in expert}
+    expert_ids = expert_parameter_ids(model)  # frozen ones too: DDP would broadcast them
     names = [n for n, p in model.named_parameters() if id(p) in expert_ids]
     for name, module in model.named_modules():
         if isinstance(module, TopKRouter) and module.expert_load is not None:
@@ -34,31 +35,51 @@ def _per_rank_names(model: nn.Module) -> list[str]:
 
 
 class _ExpertGradients:
-    """Reduces the expert gradients once at the end of every backward whose forward ran with DDP's
-    gradient synchronisation on (not inside ``no_sync()``)."""
+    """Reduces the expert gradients once at the end of every backward of a forward that ran with
+    DDP's gradient synchronisation on (outside ``no_sync()``, with grad enabled), as DDP decides.
+
+    The reduction is queued from a hook on the forward's outputs, so it joins the outermost backward
+    pass: a reentrant activation checkpoint runs each block's backward as a nested pass, and a
+    callback queued from inside one would run (and reduce) once per block.
+    """
 
     def __init__(self, ddp: DistributedDataParallel, ctx: DistContext) -> None:
         self.ddp, self.ctx = ddp, ctx
         _, self.params = split_parameters(ddp.module)
-        self.sync = True  # taken at each forward, as DDP does
         self.queued = False
-        ddp.register_forward_pre_hook(self._at_forward)
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._at_grad)
+        ddp.register_forward_hook(self._at_forward)
 
-    def _at_forward(self, module: nn.Module, args: Any) -> None:
-        self.sync = bool(self.ddp.require_backward_grad_sync) and torch.is_grad_enabled()
+    def _at_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.queued = False  # also after a backward that raised before its end
+        if not (self.ddp.require_backward_grad_sync and torch.is_grad_enabled()):
+            return
+        for leaf in tree_leaves(output):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(self._at_output_grad)
 
-    def _at_grad(self, param: torch.Tensor) -> None:
-        if self.sync and not self.queued:
+    def _at_output_grad(self, grad: torch.Tensor) -> None:
+        if not self.queued:
             self.queued = True
-            # runs once the whole backward is done, on every rank (each rank's backward reaches its
+            # runs when the whole backward is done, on every rank (each rank's backward reaches its
             # experts: the exchange's backward is collective)
             torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
 
     def _reduce(self) -> None:
         self.queued = False
         expert_reduction(self.params, self.ctx)
+
+
+@torch.no_grad()
+def _broadcast_experts(model: nn.Module, ctx: DistContext) -> None:
+    """What DDP's constructor does for the other parameters, for the experts: the first replica's
+    values to every rank that holds the same experts."""
+    if ctx.dp_size == 1:
+        return
+    src = dist.get_global_rank(ctx.dp_group, 0)
+    expert_ids = expert_parameter_ids(model)
+    for p in model.parameters():
+        if id(p) in expert_ids:
+            dist.broadcast(p, src, group=ctx.dp_group)  # NOTE: collective over the replicas
 
 
 def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> DistributedDataParallel:
@@ -87,6 +108,7 @@ def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> Dist
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
     if ctx.device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [ctx.device.index])
+    _broadcast_experts(model, ctx)
     ddp = DistributedDataParallel(model, **ddp_kwargs)
     setattr(ddp, REDUCES_EXPERTS, _ExpertGradients(ddp, ctx))
     return ddp

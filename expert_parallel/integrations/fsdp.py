@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -32,6 +33,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks of a model: the entries of every ``nn.ModuleList`` that hold an MoE layer (the
     transformer layers of most models, e.g. ``model.layers``; Hugging Face's ``model.model.layers``);
     where no list holds one, each MoE layer itself."""
+    depth = {id(m): name.count(".") + bool(name) for name, m in model.named_modules()}
     blocks: list[nn.Module] = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and any(
@@ -39,7 +41,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
             blocks += [entry for entry in module if entry not in blocks]
     if not blocks:
         blocks = [m for m in model.modules() if isinstance(m, MoE)]
-    return blocks
+    return sorted(blocks, key=lambda m: -depth[id(m)])  # innermost first: FSDP2 wraps bottom-up
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ def fully_shard(model: nn.Module, ctx: DistContext, *, mp_policy: MixedPrecision
     """
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("fully_shard: the model is sharded already (it holds an FSDPModule)")
+    if ctx.dp_size == 1 and mp_policy is not None and mp_policy.reduce_dtype == torch.float16:
+        # torch 2.13's FSDP2 divides a one-rank unit's fp16 gradients by a custom factor twice
+        raise ValueError("fully_shard: mp_policy.reduce_dtype=torch.float16 with one replica of the "
+                         "experts (dp_size 1) is not supported; reduce in float32 or bfloat16")
     group = dist.group.WORLD
     assert group is not None  # init_distributed made it
     world = DeviceMesh.from_group(group, ctx.device.type)  # the job's group, not a new one

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..comm.distributed import DistContext
+from ..comm.distributed import DistContext, full_tensor
 from ..config import MoEConfig
 from ..layer import MoE
 from ..ops.losses import MoEAux
@@ -466,16 +466,17 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     A collective over each block's expert-parallel group: every rank calls it, every rank gets it.
     """
-    # A snapshot on the host (not views, nor a second copy of the model on the GPU).
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    for name, block in model.named_modules():
-        if not isinstance(block, ExpertParallelBlock):
-            continue
-        prefix = f"{name}." if name else ""
+    blocks = {f"{name}." if name else "": block for name, block in model.named_modules()
+              if isinstance(block, ExpertParallelBlock)}
+    ours = tuple(prefix + "moe." for prefix in blocks)
+    # A snapshot on the host (not views, nor a second copy of the model on the GPU); ep.fully_shard's
+    # shards gathered, one tensor at a time (NOTE: a collective for each).
+    state = {k: full_tensor(v).to("cpu", copy=True) for k, v in model.state_dict().items()
+             if not k.startswith(ours)}
+    for prefix, block in blocks.items():
         full = block.moe.full_state_dict()  # NOTE: collective
-        ours = {k.removeprefix("experts."): v.cpu() for k, v in full.items() if k.startswith("experts.")}
-        state = {k: v for k, v in state.items() if not k.startswith(prefix + "moe.")}
-        for key, value in block.layout.to_hf(ours).items():  # the family's fused tensors
+        experts = {k.removeprefix("experts."): v.cpu() for k, v in full.items() if k.startswith("experts.")}
+        for key, value in block.layout.to_hf(experts).items():  # the family's fused tensors
             state[f"{prefix}experts.{key}"] = value
     return state
 

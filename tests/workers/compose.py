@@ -71,9 +71,10 @@ class Net(nn.Module):
         return x_BLD, total
 
 
-def build(ctx: ep.DistContext | None, checkpointing: str = "none") -> Net:
+def build(ctx: ep.DistContext, checkpointing: str = "none", reference: bool = False) -> Net:
+    """The model on this rank's device: expert-parallel, or the single-device reference."""
     torch.manual_seed(0)
-    return Net(ctx.ep_group if ctx else None, checkpointing).to(ctx.device if ctx else "cpu")
+    return Net(None if reference else ctx.ep_group, checkpointing).to(ctx.device)
 
 
 def loss_of(out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ def reference_step(ref: Net, xs: list[torch.Tensor], ts: list[torch.Tensor], sca
 
 def check_activation_checkpointing(ctx: ep.DistContext) -> None:
     xs, ts = batches(ctx, 1)
-    ref = build(None)
+    ref = build(ctx, reference=True)
     reference_step(ref, xs, ts)
     results = {}
     for mode in ("none", "reentrant", "non_reentrant"):
@@ -200,7 +201,7 @@ def train_reference(ref: Net, ctx: ep.DistContext, steps: int) -> dict[str, torc
 
 
 def check_data_parallel(ctx: ep.DistContext, steps: int = 3) -> None:
-    ref = build(None)
+    ref = build(ctx, reference=True)
     ref_grads = train_reference(ref, ctx, steps)
     plain = build(ctx)
     grads.BUCKET_BYTES = 256  # sync_gradients in many buckets (a few gradients each)
@@ -208,6 +209,11 @@ def check_data_parallel(ctx: ep.DistContext, steps: int = 3) -> None:
     grads.BUCKET_BYTES = 25 * 2**20
     ddp = ep.data_parallel(build(ctx), ctx)
     train(ddp, ctx, steps, "data_parallel", ref_grads)
+    # reentrant checkpointing runs each block's backward as a nested pass: still one reduction
+    recomputed = ep.data_parallel(build(ctx, "reentrant"), ctx)
+    train(recomputed, ctx, steps, "data_parallel", ref_grads)
+    same(full_state(recomputed), full_state(ref), "data_parallel + reentrant checkpointing:",
+         rtol=1e-4, atol=1e-5)
     want = full_state(ref)
     same(full_state(plain), want, f"sync_gradients, {steps} steps:", rtol=1e-4, atol=1e-5)
     same(full_state(ddp), want, f"data_parallel, {steps} steps:", rtol=1e-4, atol=1e-5)
@@ -224,9 +230,10 @@ def check_data_parallel(ctx: ep.DistContext, steps: int = 3) -> None:
 
 def check_fully_shard(ctx: ep.DistContext, steps: int = 3) -> None:
     """fully_shard: the accumulated gradients and 3 AdamW steps equal the reference; a checkpoint
-    saved sharded loads into the plain layout and back, with the next step equal; bf16 parameters
+    saved sharded loads into the plain layout (also at another EP size) and back, with the next step
+    equal; bf16 parameters
     with fp32 reduction (FSDP2's MixedPrecisionPolicy) give the gradients at bf16 resolution."""
-    ref = build(None)
+    ref = build(ctx, reference=True)
     ref_grads = train_reference(ref, ctx, steps)
     sharded = ep.fully_shard(build(ctx), ctx)
     opt = train(sharded, ctx, steps, "fully_shard", ref_grads)
@@ -241,6 +248,11 @@ def check_fully_shard(ctx: ep.DistContext, steps: int = 3) -> None:
         ep.load_checkpoint(ep.latest_checkpoint(f"{path[0]}/sharded", ctx), plain, plain_opt, ctx)
         same(full_state(plain), full_state(sharded), "sharded -> plain:", rtol=0, atol=0)
         ep.save_checkpoint(f"{path[0]}/plain", plain, plain_opt, ctx, steps)
+        # at another expert-parallel size (the same job, a second (dp, ep) mesh)
+        other = ep.init_distributed(ep_size=1 if ctx.ep_size > 1 else ctx.world_size)
+        resized = build(other)
+        ep.load_checkpoint(ep.latest_checkpoint(f"{path[0]}/sharded", other), resized, None, other)
+        same(full_state(resized), full_state(sharded), f"sharded -> ep_size {other.ep_size}:", rtol=0, atol=0)
         again = ep.fully_shard(build(ctx), ctx)
         again_opt = torch.optim.AdamW(again.parameters(), lr=1e-2)
         ep.load_checkpoint(ep.latest_checkpoint(f"{path[0]}/plain", ctx), again, again_opt, ctx)
@@ -254,7 +266,7 @@ def check_fully_shard(ctx: ep.DistContext, steps: int = 3) -> None:
                                                                          reduce_dtype=torch.float32))
     accumulate(low, ctx, 0, "fully_shard")
     # The oracle: the reference model cast to bf16 (bf16 routing can differ from fp32's near ties)
-    ref_low = build(None).to(torch.bfloat16)
+    ref_low = build(ctx, reference=True).to(torch.bfloat16)
     for micro in range(2):
         xs, ts = batches(ctx, micro)
         losses = [loss_of(ref_low(x.bfloat16()), t.bfloat16()).float() for x, t in zip(xs, ts, strict=True)]
