@@ -249,7 +249,9 @@ def check_fully_shard(ctx: ep.DistContext, steps: int = 3) -> None:
         same(full_state(plain), full_state(sharded), "sharded -> plain:", rtol=0, atol=0)
         ep.save_checkpoint(f"{path[0]}/plain", plain, plain_opt, ctx, steps)
         # at another expert-parallel size (the same job, a second (dp, ep) mesh)
-        other = ep.init_distributed(ep_size=1 if ctx.ep_size > 1 else ctx.world_size)
+        sizes = [n for n in range(1, ctx.world_size + 1)
+                 if ctx.world_size % n == 0 and CFG.num_experts % n == 0 and n != ctx.ep_size]
+        other = ep.init_distributed(ep_size=sizes[0] if sizes else ctx.ep_size)
         resized = build(other)
         ep.load_checkpoint(ep.latest_checkpoint(f"{path[0]}/sharded", other), resized, None, other)
         same(full_state(resized), full_state(sharded), f"sharded -> ep_size {other.ep_size}:", rtol=0, atol=0)
