@@ -39,7 +39,7 @@ from .integrations.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .integrations.ddp import data_parallel
+from .integrations.ddp import data_parallel, prepare_ddp
 from .integrations.deepspeed import prepare_for_deepspeed
 from .integrations.fsdp import fully_shard
 from .layer import MoE, configure_debug
@@ -101,6 +101,7 @@ __all__ = [
     "latest_checkpoint",
     "launch_env",
     "load_checkpoint",
+    "prepare_ddp",
     "prepare_for_deepspeed",
     "save_checkpoint",
     "shutdown",

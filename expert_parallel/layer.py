@@ -12,6 +12,7 @@ from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
+from .comm.ddp_sync import ExpertReplicas, LayerSync, ddp_world_size
 from .comm.distributed import (
     all_gather_cat,
     check_node_layout,
@@ -53,12 +54,15 @@ SEED_HINT = (": every rank must build the model after the same torch.manual_seed
              "(data order, dropout) after building it, or give it a torch.Generator of its own")
 
 
-PLAIN_DDP = ("is inside a plain torch.nn.parallel.DistributedDataParallel, which is wrong for "
-             "expert-parallel layers: its constructor broadcast rank 0's parameters, so every rank's "
-             "experts are now rank 0's, and it would average the gradients of different experts over "
-             "the job. Wrap the model with ep.data_parallel(model, ctx) instead (DDP for the replicated "
-             "parameters, each expert's gradient reduced over its replicas), and rebuild or reload the "
-             "model first: its experts were overwritten")
+PLAIN_DDP = ("is inside a torch.nn.parallel.DistributedDataParallel that manages its experts, which is "
+             "wrong for expert-parallel layers: its constructor broadcast rank 0's parameters, so every "
+             "rank's experts are now rank 0's, and it would average the gradients of different experts "
+             "over the job. Call ep.prepare_ddp(model, ctx) on the model before wrapping it (any DDP "
+             "wrapper, e.g. Hugging Face Trainer's or accelerate's, then leaves the experts to us; "
+             "ep.hf.expert_parallelize does it for you), or wrap it with ep.data_parallel(model, ctx); "
+             "rebuild or reload the model first: its experts were overwritten")
+UNREDUCED_DDP = ("is inside a DistributedDataParallel that ignores its experts, but nothing reduces their "
+                 "gradients: call ep.prepare_ddp(model, ctx) on the model before wrapping it")
 
 
 def in_backward() -> bool:
@@ -125,6 +129,10 @@ class MoE(nn.Module):
                              f"expert-parallel size {self.ep_size}")
         self.layer_name = "MoE"  # its qualified name once ep.configure_debug(model) ran
         self.calls = 0  # per-layer call number, named in every collective's error
+        # Set by ep.prepare_ddp: where the experts' gradients are reduced under a DDP wrapper.
+        self.ddp_replicas: ExpertReplicas | None = None
+        self._ddp_sync_state = LayerSync()
+        self._ddp_sync_last = False
         self.check_finite = False  # opt-in: raise on NaN/Inf input or router logits
         self.check_splits = False  # opt-in: cross-check exchange split sizes between ranks
         local = cfg.num_experts // self.ep_size
@@ -220,7 +228,7 @@ class MoE(nn.Module):
             aux: the auxiliary losses and routing statistics (:class:`MoEAux`).
         """
         self._check_input(x_BLD)
-        self._refuse_plain_ddp()
+        ddp_sync = self._ddp_sync()
         if not self.replicas_checked:  # built on the meta device and loaded since
             self.check_replicas()
         B, L, D = x_BLD.shape
@@ -228,7 +236,7 @@ class MoE(nn.Module):
             self.calls += 1
         info = CallInfo(self.layer_name, self.calls, self.check_splits)
         if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
-            return x_BLD * 0, empty_aux(self.cfg.num_experts, x_BLD.device)
+            return self._reduced_under_ddp(x_BLD * 0, ddp_sync), empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)
         x_TD = x_BLD.reshape(B * L, D)
         # The record_function scopes name the phases in profiles (`expert-parallel bench --profile`).
@@ -253,7 +261,7 @@ class MoE(nn.Module):
             y_TD = y_TD + shared_TD
         aux = replace(aux, expert_counts=dispatched.counts_E_global, comm=dispatched.comm,
                       max_violation=max_violation(dispatched.selected_E_global))
-        return self.dropout(y_TD.reshape(B, L, D)), aux
+        return self._reduced_under_ddp(self.dropout(y_TD.reshape(B, L, D)), ddp_sync), aux
 
     def _route(self, logits_GSE: Tensor, batch: int | None = None) -> tuple[RoutingPlan, MoEAux]:
         """The routing plan and the aux losses from the router logits ([G, S, E·P] for soft).
@@ -297,15 +305,42 @@ class MoE(nn.Module):
         if load is not None and self.training and not in_backward():
             load += plan.selected_E
 
-    def _refuse_plain_ddp(self) -> None:
-        """RuntimeError when this expert-parallel layer runs inside a DistributedDataParallel that
-        manages its experts (plain DDP instead of ``ep.data_parallel``)."""
-        if self.ep_size == 1 or torch.compiler.is_compiling():
-            return
+    def _ddp_sync(self) -> bool:
+        """Whether this forward's backward must reduce the experts' gradients itself: it runs inside
+        a DistributedDataParallel that ignores them (``ep.prepare_ddp``) with gradient
+        synchronisation on. A recomputation inside the backward (activation checkpointing) repeats
+        the decision of the forward it repeats. RuntimeError inside a DDP that manages the experts
+        of an expert-parallel layer (its constructor overwrote them)."""
+        if torch.compiler.is_compiling():
+            return False
+        if in_backward():
+            return self._ddp_sync_last
+        self._ddp_sync_state.reset()
+        self._ddp_sync_last = False
         ddp = DistributedDataParallel._get_active_ddp_module()
+        if ddp is None:
+            return False
         managed = {id(p) for p in getattr(ddp, "_module_parameters", ())}
         if any(id(p) in managed for p in self.experts.parameters()):
+            if self.ep_size == 1:  # replicated experts: DDP's usual work is right for them
+                return False
             raise RuntimeError(f"{self.layer_name} {PLAIN_DDP}")
+        if self.ddp_replicas is None:
+            raise RuntimeError(f"{self.layer_name} {UNREDUCED_DDP}")
+        if ddp_world_size(ddp) != self.ddp_replicas.world_size:
+            raise ValueError(f"{self.layer_name}: the DistributedDataParallel averages over "
+                             f"{ddp_world_size(ddp)} ranks, but ep.prepare_ddp was given a job of "
+                             f"{self.ddp_replicas.world_size}; wrap the model over the job's whole group")
+        self._ddp_sync_last = bool(ddp.require_backward_grad_sync)
+        return self._ddp_sync_last
+
+    def _reduced_under_ddp(self, y_BLD: Tensor, ddp_sync: bool) -> Tensor:
+        """``y_BLD``, with the experts' reduction queued for the end of its backward when
+        ``ddp_sync``."""
+        if ddp_sync and self.ddp_replicas is not None:
+            params = [p for p in self.experts.parameters() if p.requires_grad]
+            self._ddp_sync_state.reduce_at_end_of_backward(params, self.ddp_replicas, y_BLD)
+        return y_BLD
 
     def _shared(self, x_TD: Tensor) -> Tensor | None:
         """The always-on shared experts' output (times the sigmoid gate, with one); None without."""

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wrap = parser.add_mutually_exclusive_group()
     wrap.add_argument("--ddp", action="store_true", help="DistributedDataParallel through ep.data_parallel")
     wrap.add_argument("--fsdp", action="store_true", help="FSDP2 through ep.fully_shard")
+    wrap.add_argument("--trainer", action="store_true",
+                      help="train with transformers.Trainer (its own DDP) and ep.hf.ExpertParallelCallback")
     add("--activation-checkpointing", action="store_true",
         help="transformers' gradient checkpointing of every decoder layer (non-reentrant)")
     add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, synchronised once")
@@ -86,11 +88,11 @@ def active_parameters_per_token(model: nn.Module) -> int:
 
 
 def accumulate(model: nn.Module, forward: nn.Module, ctx: DistContext, xs: tuple[Tensor, ...],
-               ys: tuple[Tensor, ...], blocks: list[Any]) -> tuple[Tensor, list[MoEAux]]:
+               blocks: list[Any]) -> tuple[Tensor, list[MoEAux]]:
     """Forward and backward of every micro-batch of the global batch (this rank's slice, loss / N),
     the wrappers' gradient synchronisation with the last only; the mean loss and merged statistics."""
     losses, per_micro = [], []
-    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+    for i, x in enumerate(xs):
         last = i == len(xs) - 1
         if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(last)
@@ -99,11 +101,47 @@ def accumulate(model: nn.Module, forward: nn.Module, ctx: DistContext, xs: tuple
         no_sync = (forward.no_sync() if isinstance(forward, DistributedDataParallel) and not last
                    else contextlib.nullcontext())
         with no_sync:
-            out = forward(x[sl].to(ctx.device), labels=y[sl].to(ctx.device))
+            # transformers shifts the labels itself: they are the inputs (y, the next bytes, is not)
+            out = forward(x[sl].to(ctx.device), labels=x[sl].to(ctx.device))
             (out.loss / len(xs)).backward()
         losses.append(out.loss.detach())
         per_micro.append([b.last_aux for b in blocks if b.last_aux is not None])
     return torch.stack(losses).mean(), merge_auxes(per_micro)
+
+
+def finetune_with_trainer(args: argparse.Namespace, ctx: DistContext, model: nn.Module, train_data: Tensor,
+                          gen: torch.Generator) -> dict[str, Any]:
+    """The same fine-tuning through transformers.Trainer (AdamW, clipping at 1.0, accumulation) with
+    ep.hf.ExpertParallelCallback; Trainer's model directory at OUT/model; the summary (rank 0)."""
+    from transformers import Trainer, TrainingArguments
+
+    from .. import hf
+
+    x, _ = get_batch(train_data, args.steps * args.batch_size, args.seq_len, gen)
+    rows = [{"input_ids": row, "labels": row} for row in x]  # transformers shifts the labels
+    leader = ctx.rank == 0
+    targs = TrainingArguments(
+        output_dir=str(args.out / "trainer"), per_device_train_batch_size=args.batch_size // (
+            ctx.world_size * args.grad_accum), gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.steps, learning_rate=args.lr, weight_decay=0.01, lr_scheduler_type="constant",
+        max_grad_norm=1.0, optim="adamw_torch", seed=args.seed, logging_steps=args.log_every,
+        save_strategy="no", report_to=[], use_cpu=ctx.device.type == "cpu", disable_tqdm=not leader,
+        gradient_checkpointing=args.activation_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[hf.ExpertParallelCallback(ctx)])
+    result = trainer.train()
+    trainer.save_model(str(args.out / "model"))  # rank 0 writes what the callback gathered
+    losses = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
+    if not leader:
+        return {}
+    blocks = [m for m in model.modules() if isinstance(m, hf.ExpertParallelBlock)]
+    cfg = blocks[0].moe.cfg
+    summary = {"trainer": True, "steps": args.steps, "world_size": ctx.world_size, "ep_size": ctx.ep_size,
+               "losses": losses, "train_loss": result.training_loss, "top_k": cfg.top_k,
+               "num_experts": cfg.num_experts, "active_parameters": active_parameters_per_token(model)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,12 +165,14 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:
         fully_shard(model, ctx)
-    forward = data_parallel(model, ctx) if args.ddp else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = load_corpus(None)
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
     gen = torch.Generator().manual_seed(args.seed + 1)
+    if args.trainer:
+        return finetune_with_trainer(args, ctx, model, train_data, gen)
+    forward = data_parallel(model, ctx) if args.ddp else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     leader = ctx.rank == 0
     blocks = [m for m in model.modules() if isinstance(m, hf.ExpertParallelBlock)]
     records: list[dict[str, Any]] = []
@@ -144,10 +184,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                    f"launched by {ctx.launcher}, ep_size {ctx.ep_size}, {ctx.backend} on {ctx.device}")
     for step in tqdm(range(1, args.steps + 1), disable=not leader, desc="finetune", unit="step"):
         start = time.perf_counter()
-        x, y = get_batch(train_data, args.batch_size, args.seq_len, gen)
+        x, _ = get_batch(train_data, args.batch_size, args.seq_len, gen)
         optimizer.zero_grad()
-        loss, auxes = accumulate(model, forward, ctx, x.chunk(args.grad_accum), y.chunk(args.grad_accum),
-                                 blocks)
+        loss, auxes = accumulate(model, forward, ctx, x.chunk(args.grad_accum), blocks)
         if not (args.ddp or args.fsdp):  # those reduced in the backward
             sync_gradients(model, ctx)
         clip_grad_norm_(model, 1.0, ctx)
@@ -159,7 +198,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         rec = {"step": step, **stats, "tokens_per_s": args.batch_size * args.seq_len / elapsed}
         if step % args.eval_every == 0 or step == args.steps:
             # next-byte loss on 4 fixed held-out batches (the last 10 % of the text)
-            rec["val_loss"] = held_out_loss(model, lambda x, y: model(x, labels=y).loss, ctx, val_data,
+            rec["val_loss"] = held_out_loss(model, lambda x, y: model(x, labels=x).loss, ctx, val_data,
                                             args, batches=4)
         if leader:
             records.append(rec)

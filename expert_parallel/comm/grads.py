@@ -100,18 +100,15 @@ def _all_reduce_grads(params: list[nn.Parameter], group: ProcessGroup | None, sc
                 offset += g.numel()
 
 
-# Set on the DistributedDataParallel that ep.data_parallel returns: it reduces every gradient itself.
-REDUCES_EXPERTS = "_expert_parallel_reduces_experts"
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel (its ``module``), or the model itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def expert_reduction(params: list[nn.Parameter], ctx: DistContext) -> None:
-    """Expert gradients: summed over the ranks holding the same experts, divided by the world size."""
-    _all_reduce_grads(params, ctx.dp_group, 1.0 / ctx.world_size)
+def expert_reduction_over(params: list[nn.Parameter], group: ProcessGroup | None, world_size: int) -> None:
+    """Expert gradients: summed over ``group`` (the ranks holding the same experts), divided by the
+    world size."""
+    _all_reduce_grads(params, group, 1.0 / world_size)
 
 
 def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
@@ -124,17 +121,18 @@ def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
     in buckets of about 25 MiB (``BUCKET_BYTES``).
 
     Raises:
-        ValueError: ``model`` comes from ``ep.data_parallel``, whose backward reduced them already.
+        ValueError: ``model`` is a DistributedDataParallel, whose backward reduced them already.
     """
-    if getattr(model, REDUCES_EXPERTS, None) is not None:
-        raise ValueError("sync_gradients: this model comes from ep.data_parallel, whose backward already "
-                         "reduced every gradient; call the optimizer directly")
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("sync_gradients: this model is wrapped in DistributedDataParallel (ep.data_parallel "
+                         "or any DDP of a model after ep.prepare_ddp), whose backward already reduced every "
+                         "gradient; call the optimizer directly")
     if is_sharded(model):
         raise ValueError("sync_gradients: this model is sharded (ep.fully_shard), whose backward already "
                          "reduced every gradient; call the optimizer directly")
     shared, expert = split_parameters(model)
     _all_reduce_grads(shared, None, 1.0 / ctx.world_size)
-    expert_reduction(expert, ctx)
+    expert_reduction_over(expert, ctx.dp_group, ctx.world_size)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -1,11 +1,15 @@
-"""DistributedDataParallel for models holding expert-parallel MoE layers: ``ep.data_parallel``.
+"""DistributedDataParallel for models holding expert-parallel MoE layers: ``ep.prepare_ddp`` (any
+DDP wrapper) and ``ep.data_parallel`` (ours).
 
 Plain ``DistributedDataParallel(model)`` is wrong for them: its constructor broadcasts rank 0's
 parameters, so every rank's experts become rank 0's, and its reducer then averages the gradients of
-different experts over the whole world. ``data_parallel`` gives DDP (bucketed, overlapped with the
-backward) the parameters that are replicated on every rank, and reduces the expert gradients itself
-at the end of the backward, as ``ep.sync_gradients`` does: summed over the ranks that hold the same
-experts (``ctx.dp_group``) and divided by the world size. DDP's ``no_sync()`` skips both.
+different experts over the whole world. ``prepare_ddp`` lists the experts (and the routers'
+per-rank counts) in the model's ``_ddp_params_and_buffers_to_ignore``, DDP's own switch, read by
+every DDP constructor, so DDP broadcasts, buckets and averages only the replicated parameters; each
+MoE layer reduces its experts' gradients itself at the end of every backward of a forward that ran
+inside a DDP with gradient synchronisation on (``comm/ddp_sync.py``): summed over the ranks that hold
+the same experts (``ctx.dp_group``) and divided by the world size, as ``ep.sync_gradients`` does.
+DDP's ``no_sync()`` skips both.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._pytree import tree_leaves
 
+from ..comm.ddp_sync import ExpertReplicas
 from ..comm.distributed import DistContext
-from ..comm.grads import REDUCES_EXPERTS, expert_parameter_ids, expert_reduction, split_parameters
+from ..comm.grads import expert_parameter_ids
+from ..layer import MoE
 from ..ops.routing import TopKRouter
 
 
@@ -32,41 +37,6 @@ def _per_rank_names(model: nn.Module) -> list[str]:
         if isinstance(module, TopKRouter) and module.expert_load is not None:
             names.append(f"{name}.expert_load" if name else "expert_load")
     return names
-
-
-class _ExpertGradients:
-    """Reduces the expert gradients once at the end of every backward of a forward that ran with
-    DDP's gradient synchronisation on (outside ``no_sync()``, with grad enabled), as DDP decides.
-
-    The reduction is queued from a hook on the forward's outputs, so it joins the outermost backward
-    pass: a reentrant activation checkpoint runs each block's backward as a nested pass, and a
-    callback queued from inside one would run (and reduce) once per block.
-    """
-
-    def __init__(self, ddp: DistributedDataParallel, ctx: DistContext) -> None:
-        self.ddp, self.ctx = ddp, ctx
-        _, self.params = split_parameters(ddp.module)
-        self.queued = False
-        ddp.register_forward_hook(self._at_forward)
-
-    def _at_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.queued = False  # also after a backward that raised before its end
-        if not (self.ddp.require_backward_grad_sync and torch.is_grad_enabled()):
-            return
-        for leaf in tree_leaves(output):
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                leaf.register_hook(self._at_output_grad)
-
-    def _at_output_grad(self, grad: torch.Tensor) -> None:
-        if not self.queued:
-            self.queued = True
-            # runs when the whole backward is done, on every rank (each rank's backward reaches its
-            # experts: the exchange's backward is collective)
-            torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
-
-    def _reduce(self) -> None:
-        self.queued = False
-        expert_reduction(self.params, self.ctx)
 
 
 @torch.no_grad()
@@ -82,8 +52,40 @@ def _broadcast_experts(model: nn.Module, ctx: DistContext) -> None:
             dist.broadcast(p, src, group=ctx.dp_group)  # NOTE: collective over the replicas
 
 
+def prepare_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Makes every DistributedDataParallel wrapper of ``model`` right for its expert-parallel layers.
+
+    After it, ``DistributedDataParallel(model)`` — yours, or the one Hugging Face Trainer,
+    accelerate or Lightning builds — leaves the experts alone (no broadcast from rank 0, no
+    averaging over the world) and each MoE layer reduces its experts' gradients at the end of the
+    backward: summed over ``ctx.dp_group``, divided by the world size. After ``loss.backward()``
+    every gradient equals what :func:`ep.sync_gradients` gives on the unwrapped model, so do not
+    call it. ``no_sync()`` accumulates locally; the next backward outside it reduces the sum.
+
+    It sets the model's ``_ddp_params_and_buffers_to_ignore`` (DDP reads it from the module it
+    wraps: wrap this very module, not a parent) and broadcasts the experts over their replicas.
+    ``ep.hf.expert_parallelize`` and ``ep.hf.from_pretrained`` call it. Every rank calls it.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("prepare_ddp: the model is wrapped in DistributedDataParallel already (whose "
+                         "constructor overwrote the experts); call it on the unwrapped model, before "
+                         "wrapping")
+    ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(_per_rank_names(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
+    replicas = ExpertReplicas(ctx.dp_group, ctx.world_size)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.ddp_replicas = replicas
+    _broadcast_experts(model, ctx)
+    return model
+
+
 def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> DistributedDataParallel:
-    """Wraps ``model`` in DistributedDataParallel that is right for expert-parallel MoE layers.
+    """Wraps ``model`` in DistributedDataParallel that is right for expert-parallel MoE layers:
+    :func:`prepare_ddp`, then ``DistributedDataParallel(model, **ddp_kwargs)``.
 
     DDP broadcasts, buckets and averages the replicated parameters over the whole job (its usual
     work, overlapped with the backward); the experts and the routers' per-rank counts are left out of
@@ -104,11 +106,7 @@ def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> Dist
     if isinstance(model, DistributedDataParallel):
         raise ValueError("data_parallel: the model is wrapped in DistributedDataParallel already; pass "
                          "the unwrapped model")
-    ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(_per_rank_names(model))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
+    prepare_ddp(model, ctx)
     if ctx.device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [ctx.device.index])
-    _broadcast_experts(model, ctx)
-    ddp = DistributedDataParallel(model, **ddp_kwargs)
-    setattr(ddp, REDUCES_EXPERTS, _ExpertGradients(ddp, ctx))
-    return ddp
+    return DistributedDataParallel(model, **ddp_kwargs)

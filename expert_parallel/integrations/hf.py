@@ -16,6 +16,8 @@ SwiGLU, interleaved gate/up columns).
 from __future__ import annotations
 
 import contextlib
+import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from ..comm.distributed import DistContext, full_tensor
 from ..config import MoEConfig
 from ..layer import MoE
 from ..ops.losses import MoEAux
+from .ddp import prepare_ddp
 
 try:
     import transformers  # noqa: F401
@@ -304,7 +307,8 @@ class ExpertParallelBlock(nn.Module):
 def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.Module:
     """Replaces the MoE blocks of a transformers model, in place, by expert-parallel ones.
 
-    Every rank must call it on an identical model (same weights). Returns the model.
+    Every rank must call it on an identical model (same weights). Returns the model, ready for any
+    DistributedDataParallel wrapper (Trainer's, accelerate's, yours: see :func:`ep.prepare_ddp`).
 
     Raises:
         ValueError: the model's ``model_type`` is not a supported family or has no MoE block, or
@@ -318,6 +322,9 @@ def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.M
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ExpertParallelBlock(block, family, config, ctx))
+    if ctx is not None:
+        prepare_ddp(model, ctx)  # any DDP wrapper (Trainer's, accelerate's, yours) leaves the experts to us
+    _guard_save_pretrained(model)
     return model
 
 
@@ -361,6 +368,9 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
         parent_name, _, child = name.rpartition(".")
         new_block = ExpertParallelBlock(block, family, config, ctx, local)
         setattr(model.get_submodule(parent_name), child, new_block)
+    if ctx is not None:
+        prepare_ddp(model, ctx)
+    _guard_save_pretrained(model)
     return model
 
 
@@ -495,6 +505,71 @@ def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None 
     save(str(path), state_dict=state, is_main_process=leader, **kwargs)
     if ctx is not None and ctx.world_size > 1:
         dist.barrier()  # NOTE: collective: the directory is complete when any rank returns
+
+
+ONE_RANK_SAVE = ("save_pretrained of an expert-parallel model on one rank: this rank holds only its own "
+                 "experts. Call ep.hf.save_pretrained(model, directory, ctx) on every rank (it gathers "
+                 "the experts; rank 0 writes); under transformers.Trainer, pass "
+                 "callbacks=[ep.hf.ExpertParallelCallback(ctx)], which gathers them on every rank when a "
+                 "save is due, so that trainer.save_model and Trainer's checkpoints work")
+
+# Models gathered into transformers' layout by keep_for_save, on the rank that writes, with the
+# parameters' version stamp at that time (a state dict is only written while it is current).
+_KEPT: weakref.WeakKeyDictionary[nn.Module, tuple[dict[str, Tensor], int]] = weakref.WeakKeyDictionary()
+
+
+def _version_stamp(model: nn.Module) -> int:
+    """Changes whenever a parameter or buffer is modified in place (an optimizer step, a load)."""
+    return sum(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+def _is_spread(model: nn.Module) -> bool:
+    """Whether the model's experts are spread over more than one rank."""
+    return any(isinstance(m, ExpertParallelBlock) and m.moe.ep_size > 1 for m in model.modules())
+
+
+def keep_for_save(model: nn.Module, ctx: DistContext) -> None:
+    """Gathers the model into transformers' layout now (a collective: every rank calls it) and keeps
+    it on rank 0, where the next ``model.save_pretrained`` without a state dict writes it while the
+    parameters are unchanged (what Trainer's saves on rank 0 alone need)."""
+    state = hf_state_dict(model)
+    _KEPT.pop(model, None)
+    if ctx.rank == 0:
+        _KEPT[model] = (state, _version_stamp(model))
+
+
+def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any,
+                     state_dict: dict[str, Tensor] | None = None, **kwargs: Any) -> Any:
+    """transformers' ``save_pretrained`` for an expert-parallel model, in transformers' layout: the
+    gathered state kept by :func:`keep_for_save` while current, the model's own in one process; on
+    one rank of many without one, a RuntimeError at once (it cannot gather: the other ranks are not
+    in the call)."""
+    if state_dict is None or any(".moe." in key for key in state_dict):  # our internal layout
+        kept = _KEPT.get(self)
+        if kept is not None and kept[1] == _version_stamp(self):
+            state_dict = kept[0]
+        elif _is_spread(self):
+            raise RuntimeError(ONE_RANK_SAVE)
+        else:
+            state_dict = hf_state_dict(self)  # one process: every expert is here
+    save: Any = getattr(type(self), "save_pretrained")  # noqa: B009 (transformers' own, of the class)
+    return save(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """``model.save_pretrained`` becomes :func:`_save_pretrained` (a bound method on the instance,
+    so that a deepcopy of the model saves the copy)."""
+    model.save_pretrained = types.MethodType(_save_pretrained, model)  # type: ignore[assignment]
+
+
+def load_local_experts(model: nn.Module, path: str | Path) -> None:
+    """This rank's experts of every expert-parallel block, read from a transformers checkpoint
+    directory (safetensors) into the model in place."""
+    files = _SafetensorsDir(Path(path), str(getattr(model.config, "model_type", "")))
+    for name, block in model.named_modules():
+        if isinstance(block, ExpertParallelBlock):
+            first, count = block.moe.experts.first, block.moe.experts.num_local
+            block._adopt(files.experts(name, first, count, block.layout))
 
 
 __all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "from_pretrained", "hf_state_dict",
