@@ -306,13 +306,19 @@ class MoE(nn.Module):
             load += plan.selected_E
 
     def _ddp_sync(self) -> bool:
+        """See :meth:`_ddp_sync_eager`; under torch.compile it runs eagerly (a graph break) for a
+        layer that exchanges tokens or was prepared for DDP, and is skipped for the others."""
+        if torch.compiler.is_compiling() and self.ep_size == 1 and self.ddp_replicas is None:
+            return False
+        return self._ddp_sync_eager()
+
+    @torch.compiler.disable
+    def _ddp_sync_eager(self) -> bool:
         """Whether this forward's backward must reduce the experts' gradients itself: it runs inside
         a DistributedDataParallel that ignores them (``ep.prepare_ddp``) with gradient
         synchronisation on. A recomputation inside the backward (activation checkpointing) repeats
         the decision of the forward it repeats. RuntimeError inside a DDP that manages the experts
         of an expert-parallel layer (its constructor overwrote them)."""
-        if torch.compiler.is_compiling():
-            return False
         if in_backward():
             return self._ddp_sync_last
         self._ddp_sync_state.reset()
@@ -337,10 +343,15 @@ class MoE(nn.Module):
     def _reduced_under_ddp(self, y_BLD: Tensor, ddp_sync: bool) -> Tensor:
         """``y_BLD``, with the experts' reduction queued for the end of its backward when
         ``ddp_sync``."""
-        if ddp_sync and self.ddp_replicas is not None:
-            params = [p for p in self.experts.parameters() if p.requires_grad]
-            self._ddp_sync_state.reduce_at_end_of_backward(params, self.ddp_replicas, y_BLD)
+        if ddp_sync:
+            self._queue_reduction(y_BLD)
         return y_BLD
+
+    @torch.compiler.disable
+    def _queue_reduction(self, y_BLD: Tensor) -> None:
+        assert self.ddp_replicas is not None
+        params = [p for p in self.experts.parameters() if p.requires_grad]
+        self._ddp_sync_state.reduce_at_end_of_backward(params, self.ddp_replicas, y_BLD)
 
     def _shared(self, x_TD: Tensor) -> Tensor | None:
         """The always-on shared experts' output (times the sigmoid gate, with one); None without."""

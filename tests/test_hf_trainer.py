@@ -13,7 +13,7 @@ pytest.importorskip("accelerate")
 from tests.procs import torchrun
 
 CASES = [("trainer", 2), ("trainer", 4), ("accelerate", 2), ("accelerate", 4), ("resume", 2), ("resume", 4),
-         ("bias", 2), ("no-callback", 2)]
+         ("bias", 2), ("best", 2), ("no-callback", 2)]
 
 
 @pytest.mark.parametrize("check, world", CASES, ids=[f"{c}-w{w}" for c, w in CASES])
@@ -22,7 +22,8 @@ def test_hf_loops_train_expert_parallel_models_right(check: str, world: int, tmp
     accumulation, clipping) and trainer.save_model loads in plain transformers; accelerate: an
     unchanged accelerate loop equals the unmodified model's; resume: a Trainer checkpoint resumes
     exactly (experts and optimizer state per rank); bias: DeepSeek-V3's bias trained once per step
-    from the job's counts (against EP 1); no-callback: a user's own DDP trains right, and
+    from the job's counts (against EP 1); best: epoch saves and load_best_model_at_end give the best
+    checkpoint's experts; no-callback: a user's own DDP trains right, and
     trainer.save_model without the callback fails at once naming ep.hf.save_pretrained.
     World 4 is EP 2 x DP 2."""
     out = torchrun(world, "hf_trainer.py", check, str(tmp_path), "--ep-size", "2", timeout=400)

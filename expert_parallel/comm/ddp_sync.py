@@ -13,7 +13,8 @@ A layer's reduction is queued when its output's gradient arrives and runs when t
 that computes its expert gradients ends: the whole backward, or, for a block under a reentrant
 activation checkpoint, that block's nested pass (a callback queued for the outermost pass would
 not know which layers a nested one reached). So each layer is reduced once per backward, on its own
-(one bucketed all-reduce per layer, after the backward rather than overlapped with it).
+(per layer, a flag all-reduce and bucketed gradient all-reduces, after the backward rather than
+overlapped with it).
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def _broadcast_experts(model: nn.Module, ctx: DistContext) -> None:
 def prepare_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """Makes every DistributedDataParallel wrapper of ``model`` right for its expert-parallel layers.
 
-    After it, ``DistributedDataParallel(model)`` — yours, or the one Hugging Face Trainer,
-    accelerate or Lightning builds — leaves the experts alone (no broadcast from rank 0, no
+    After it, ``DistributedDataParallel(model)`` — yours, or the one Hugging Face Trainer or
+    accelerate builds — leaves the experts alone (no broadcast from rank 0, no
     averaging over the world) and each MoE layer reduces its experts' gradients at the end of the
     backward: summed over ``ctx.dp_group``, divided by the world size. After ``loss.backward()``
     every gradient equals what :func:`ep.sync_gradients` gives on the unwrapped model, so do not

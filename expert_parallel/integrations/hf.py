@@ -16,7 +16,6 @@ SwiGLU, interleaved gate/up columns).
 from __future__ import annotations
 
 import contextlib
-import types
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -528,18 +527,38 @@ def _is_spread(model: nn.Module) -> bool:
     return any(isinstance(m, ExpertParallelBlock) and m.moe.ep_size > 1 for m in model.modules())
 
 
-def keep_for_save(model: nn.Module, ctx: DistContext) -> None:
+def keep_for_save(model: nn.Module, ctx: DistContext, keep: bool | None = None) -> None:
     """Gathers the model into transformers' layout now (a collective: every rank calls it) and keeps
-    it on rank 0, where the next ``model.save_pretrained`` without a state dict writes it while the
-    parameters are unchanged (what Trainer's saves on rank 0 alone need)."""
+    it where ``keep`` (default: on rank 0): the next ``model.save_pretrained`` there without a state
+    dict writes it while the parameters are unchanged (what Trainer's saves on one rank need)."""
     state = hf_state_dict(model)
     _KEPT.pop(model, None)
-    if ctx.rank == 0:
+    if (ctx.rank == 0) if keep is None else keep:
         _KEPT[model] = (state, _version_stamp(model))
 
 
-def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any,
-                     state_dict: dict[str, Tensor] | None = None, **kwargs: Any) -> Any:
+def forget_kept(model: nn.Module) -> None:
+    """Drops the state :func:`keep_for_save` kept (its host memory)."""
+    _KEPT.pop(model, None)
+
+
+def matches_checkpoint(model: nn.Module, path: str | Path) -> bool:
+    """Whether the replicated tensors of a transformers checkpoint directory equal the model's (a
+    few of them: the embeddings, the first and the last of the file)."""
+    from safetensors import safe_open
+
+    files = _SafetensorsDir(Path(path), str(getattr(model.config, "model_type", "")))
+    own = {k: v for k, v in model.state_dict().items() if ".moe." not in k}
+    keys = [k for k in files.where if files._internal(k) in own]
+    for key in dict.fromkeys([k for k in keys if "embed" in k][:1] + keys[:1] + keys[-1:]):
+        with safe_open(str(files.where[key]), "pt") as f:
+            if not torch.equal(f.get_tensor(key), own[files._internal(key)].detach().cpu()):
+                return False
+    return bool(keys)
+
+
+def save_pretrained_in_hf_layout(self: nn.Module, save_directory: str | Path, *args: Any,
+                                 state_dict: dict[str, Tensor] | None = None, **kwargs: Any) -> Any:
     """transformers' ``save_pretrained`` for an expert-parallel model, in transformers' layout: the
     gathered state kept by :func:`keep_for_save` while current, the model's own in one process; on
     one rank of many without one, a RuntimeError at once (it cannot gather: the other ranks are not
@@ -556,10 +575,21 @@ def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any,
     return save(self, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
+class _SaveInHFLayout:
+    """``model.save_pretrained`` of an expert-parallel model: :func:`save_pretrained_in_hf_layout`.
+    An object holding its model, not a bound method, so that a deepcopy of the model saves the copy
+    and the model still pickles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        return save_pretrained_in_hf_layout(self.model, save_directory, *args, **kwargs)
+
+
 def _guard_save_pretrained(model: nn.Module) -> None:
-    """``model.save_pretrained`` becomes :func:`_save_pretrained` (a bound method on the instance,
-    so that a deepcopy of the model saves the copy)."""
-    model.save_pretrained = types.MethodType(_save_pretrained, model)  # type: ignore[assignment]
+    """``model.save_pretrained`` writes transformers' layout (:func:`save_pretrained_in_hf_layout`)."""
+    model.save_pretrained = _SaveInHFLayout(model)  # type: ignore[assignment]
 
 
 def load_local_experts(model: nn.Module, path: str | Path) -> None:

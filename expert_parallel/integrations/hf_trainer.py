@@ -12,12 +12,14 @@ the whole job:
 - the aux-loss-free bias (DeepSeek-V3, GLM-4.5): ``ep.update_expert_bias`` after each optimizer
   step, from the job's counts summed over the micro-batches;
 - saving: Trainer saves on rank 0 alone, which holds only its own experts. When a save is due (a
-  checkpoint step, the end of training) every rank gathers the model into transformers' layout and
-  rank 0 keeps it; ``model.save_pretrained`` on rank 0 (which ``trainer.save_model`` calls) writes
-  that. Every rank also writes its own optimizer state into the checkpoint;
-- resuming: transformers loads the checkpoint's replicated tensors and rank 0's optimizer state on
-  every rank; the callback then loads this rank's experts from the checkpoint's safetensors and its
-  own optimizer state.
+  step's or an epoch's end, decided over the job; the end of training) every rank gathers the model
+  into transformers' layout and Trainer's writing ranks keep it until the next step;
+  ``model.save_pretrained`` there (which ``trainer.save_model`` calls) writes that. Every rank also
+  writes its own optimizer state into the checkpoint;
+- resuming (and ``load_best_model_at_end``): transformers loads the checkpoint's replicated tensors
+  and rank 0's optimizer state on every rank; the callback then loads this rank's experts from the
+  checkpoint's safetensors and its own optimizer state, after checking that the checkpoint is the
+  one Trainer loaded, written at the same layout and step.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
 from ..comm.distributed import DistContext
 from ..comm.grads import clip_grad_norm_, update_expert_bias
-from .hf import ExpertParallelBlock, keep_for_save, load_local_experts
+from .hf import ExpertParallelBlock, forget_kept, keep_for_save, load_local_experts, matches_checkpoint
 
 OPTIMIZER_FILE = "expert_parallel_optimizer_rank{rank}.pt"
 
@@ -41,32 +44,61 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _anywhere(flag: bool, ctx: DistContext) -> bool:
+    """Whether ``flag`` is set on any rank (a collective): every rank then takes the same branch."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # NOTE: collective over the job
+    return bool(t.item())
+
+
 class ExpertParallelCallback(TrainerCallback):
     """Makes ``transformers.Trainer`` right for a model made expert-parallel by ``ep.hf``.
 
-    ``Trainer(model=model, ..., callbacks=[ep.hf.ExpertParallelCallback(ctx)])`` on every rank.
-    See the module's docstring for what it does; docs/hf.md for the whole recipe.
+    ``Trainer(model=model, ..., callbacks=[ep.hf.ExpertParallelCallback(ctx)])`` on every rank, the
+    last of the callbacks (it reads the save decision the others made). ``resume_from``: the
+    checkpoint directory given to ``trainer.train(resume_from_checkpoint=...)`` when it is not
+    ``args.output_dir/checkpoint-N`` (Trainer does not tell its callbacks). See the module's
+    docstring for what it does; docs/hf.md for the whole recipe.
     """
 
-    def __init__(self, ctx: DistContext) -> None:
+    def __init__(self, ctx: DistContext, resume_from: str | Path | None = None) -> None:
         self.ctx = ctx
+        self.resume_from = Path(resume_from) if resume_from is not None else None
         self.max_grad_norm = 0.0
+        self._taken: dict[int, float] = {}  # id(args) -> its max_grad_norm before we took it over
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
         if model is None or not any(isinstance(m, ExpertParallelBlock) for m in model.modules()):
             raise ValueError("ExpertParallelCallback: the model has no expert-parallel block; make it "
                              "expert-parallel first (ep.hf.expert_parallelize or ep.hf.from_pretrained)")
-        self.max_grad_norm = float(args.max_grad_norm or 0.0)
+        if str(args.save_strategy).lower().endswith("best"):
+            raise ValueError("ExpertParallelCallback: save_strategy='best' decides to save after the "
+                             "callbacks ran, on rank 0's metrics; use 'steps' or 'epoch' (with "
+                             "load_best_model_at_end=True for the best model)")
+        # Taken once per TrainingArguments: a second train() (or accelerate's retry with a smaller
+        # batch after an out-of-memory error) must not read our 0 as the user's setting.
+        self.max_grad_norm = self._taken.setdefault(id(args), float(args.max_grad_norm or 0.0))
         args.max_grad_norm = 0.0  # restored at the end of training: we clip with the job's norm
         if state.global_step > 0:
-            self._resume(Path(args.output_dir) / f"checkpoint-{state.global_step}", model, optimizer)
+            folder = self.resume_from or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._resume(folder, state, model, optimizer)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                      **kwargs: Any) -> None:
-        args.max_grad_norm = self.max_grad_norm
+        args.max_grad_norm = self._taken.pop(id(args), self.max_grad_norm)
         assert model is not None
-        keep_for_save(model, self.ctx)  # NOTE: collective: for trainer.save_model after train()
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            # Trainer loaded the best checkpoint's replicated tensors (its expert keys are not ours)
+            load_local_experts(model, state.best_model_checkpoint)
+        keep_for_save(model, self.ctx, keep=args.should_save)  # NOTE: collective: for trainer.save_model
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                      **kwargs: Any) -> None:
+        if model is not None:
+            forget_kept(model)  # the gathered copy of the last save: host memory back
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                               **kwargs: Any) -> None:
@@ -81,26 +113,48 @@ class ExpertParallelCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                     **kwargs: Any) -> None:
-        if control.should_save:  # Trainer saves a checkpoint right after this, on rank 0
+        self._gather_if_saving(args, control, model)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                     **kwargs: Any) -> None:
+        self._gather_if_saving(args, control, model)
+
+    def _gather_if_saving(self, args: Any, control: Any, model: nn.Module | None) -> None:
+        """Trainer saves right after this on its writing ranks: gather the model for them. The
+        decision is taken over the job (a rank-local saver would otherwise leave ranks apart)."""
+        if _anywhere(bool(control.should_save), self.ctx):
+            control.should_save = True
             assert model is not None
-            keep_for_save(model, self.ctx)  # NOTE: collective
+            keep_for_save(model, self.ctx, keep=args.should_save)  # NOTE: collective
 
     def on_save(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        if optimizer is None:
+        if optimizer is None or getattr(args, "save_only_model", False):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
-        mine = folder / OPTIMIZER_FILE.format(rank=self.ctx.rank)
-        torch.save(_unwrap_optimizer(optimizer).state_dict(), mine)
+        torch.save({"layout": self._layout(), "global_step": state.global_step,
+                    "optimizer": _unwrap_optimizer(optimizer).state_dict()},
+                   folder / OPTIMIZER_FILE.format(rank=self.ctx.rank))
 
-    def _resume(self, folder: Path, model: nn.Module, optimizer: Any) -> None:
-        """This rank's experts and optimizer state from a checkpoint Trainer is resuming from."""
+    def _layout(self) -> dict[str, int]:
+        return {"world_size": self.ctx.world_size, "ep_size": self.ctx.ep_size, "rank": self.ctx.rank}
+
+    def _resume(self, folder: Path, state: Any, model: nn.Module, optimizer: Any) -> None:
+        """This rank's experts and optimizer state from the checkpoint Trainer is resuming from."""
         mine = folder / OPTIMIZER_FILE.format(rank=self.ctx.rank)
         if not mine.is_file():
-            raise ValueError(f"ExpertParallelCallback: resuming at step {folder.name}, but {mine} is "
-                             f"missing: expert-parallel runs resume from checkpoints in "
-                             f"args.output_dir written with this callback, by the same number of ranks")
+            raise ValueError(f"ExpertParallelCallback: resuming at step {state.global_step}, but {mine} "
+                             f"is missing: resume from a checkpoint this callback wrote (pass "
+                             f"ExpertParallelCallback(ctx, resume_from=DIR) when it is not in output_dir)")
+        saved = torch.load(mine, map_location="cpu", weights_only=True)
+        if saved["layout"] != self._layout() or saved["global_step"] != state.global_step:
+            raise ValueError(f"ExpertParallelCallback: {mine} was written at step {saved['global_step']} "
+                             f"by {saved['layout']}; this run resumes at step {state.global_step} as "
+                             f"{self._layout()}: resume with the same world and expert-parallel sizes "
+                             f"(or reshard with ep.save_checkpoint / ep.load_checkpoint)")
+        if not matches_checkpoint(model, folder):
+            raise ValueError(f"ExpertParallelCallback: {folder} is not the checkpoint Trainer resumed "
+                             f"from (its replicated weights differ); pass resume_from=DIR")
         load_local_experts(model, folder)
         if optimizer is not None:
-            state = torch.load(mine, map_location="cpu", weights_only=True)
-            _unwrap_optimizer(optimizer).load_state_dict(state)
+            _unwrap_optimizer(optimizer).load_state_dict(saved["optimizer"])

@@ -12,6 +12,8 @@ CHECK is one of:
   resume      Trainer checkpoints every 2 steps; a new run from checkpoint-2, whose experts and
               optimizer state were spoilt first, ends equal to the uninterrupted 4-step run.
   accelerate  an accelerate loop (prepare, accumulate, backward, step) equals the unmodified model's.
+  best        save_strategy="epoch" and load_best_model_at_end: the model after train() and what
+              trainer.save_model writes are the best checkpoint, experts included.
   no-callback trainer.save_model without the callback fails at once on rank 0, naming
               ep.hf.save_pretrained; plain DistributedDataParallel of the prepared model trains right.
 Prints "OK <check>" on rank 0.
@@ -175,6 +177,31 @@ def check_resume(ctx: ep.DistContext, out: Path) -> None:
         torch.testing.assert_close(value, mine[name], rtol=0, atol=0, msg=lambda m, k=name: f"{k}: {m}")
 
 
+def check_best(ctx: ep.DistContext, out: Path) -> None:
+    """save_strategy="epoch" with load_best_model_at_end: the model after train() is the best
+    checkpoint, experts included, and trainer.save_model writes it."""
+    base = base_model("qwen3_moe")
+    model = ep.hf.expert_parallelize(copy.deepcopy(base), ctx)
+    from transformers import AutoModelForCausalLM, Trainer
+    args = arguments(out / "ep", steps=-1, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch",
+                     load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                     learning_rate=0.5)  # the highest eval loss: not the last epoch's model
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(ctx, steps=2), eval_dataset=Tokens(8, 64),
+                      callbacks=[ep.hf.ExpertParallelCallback(ctx)])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6"), best
+    saved = AutoModelForCausalLM.from_pretrained(best).state_dict()
+    mine = ep.hf.hf_state_dict(model)
+    for name, value in saved.items():
+        torch.testing.assert_close(mine[name], value, rtol=0, atol=0, msg=lambda m, k=name: f"{k}: {m}")
+    trainer.save_model(str(out / "saved"))
+    dist.barrier()
+    final = AutoModelForCausalLM.from_pretrained(str(out / "saved")).state_dict()
+    for name, value in saved.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=lambda m, k=name: f"{k}: {m}")
+
+
 def accelerate_loop(model: torch.nn.Module, ds: Tokens) -> None:
     from accelerate import Accelerator
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
@@ -226,7 +253,7 @@ def check_no_callback(ctx: ep.DistContext, out: Path) -> None:
     assert not (out / "saved" / "model.safetensors").exists()
 
 
-CHECKS = {"trainer": check_trainer, "bias": check_bias, "resume": check_resume,
+CHECKS = {"trainer": check_trainer, "bias": check_bias, "resume": check_resume, "best": check_best,
           "accelerate": check_accelerate, "no-callback": check_no_callback}
 
 
