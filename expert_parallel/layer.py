@@ -283,7 +283,12 @@ class MoE(nn.Module):
                                        routed.probs.reshape(B, -1, cfg.num_experts))
             self._count_selections(plan)
         elif isinstance(self.router, ExpertChoiceRouter):
-            chosen = expert_choice_from_logits(logits_GSE, self.router.capacity(S))
+            choose = expert_choice_from_logits
+            if self.ep_size > 1 and torch.compiler.is_compiling():
+                # eager: inductor's gradient of this selection came out wrong when the graph ends at
+                # the exchange's split-size read (torch 2.13; aot_eager is right, one process too)
+                choose = torch.compiler.disable(expert_choice_from_logits)
+            chosen = choose(logits_GSE, self.router.capacity(S))
             plan = expert_choice_plan(chosen.token_indices, chosen.weights, S)
         else:
             soft = soft_from_logits(logits_GSE)

@@ -201,6 +201,10 @@ def combine_rows(y_ND: Tensor, plan: RoutingPlan, num_tokens: int) -> Tensor:
 def weighted_sum_rows(y_ND: Tensor, gate_N: Tensor, index_N: Tensor, num_out: int) -> Tensor:
     """out[i] = Σ over the rows n with index_N[n] = i of gate_N[n] · y_ND[n] (differentiable in y and
     gate), summed in the wider dtype of y and the gates."""
+    if torch.compiler.is_compiling():  # the chunk loops' trip counts depend on the data: the plain math
+        dtype = torch.promote_types(y_ND.dtype, gate_N.dtype)
+        rows_ND = y_ND.to(dtype) * gate_N.to(dtype)[:, None]
+        return rows_ND.new_zeros((num_out, y_ND.shape[-1])).index_add(0, index_N, rows_ND)
     out: Tensor = _WeightedIndexAdd.apply(y_ND, gate_N, index_N, num_out)
     return out
 

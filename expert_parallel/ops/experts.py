@@ -229,39 +229,102 @@ class _SegmentMM(torch.autograd.Function):
     def forward(ctx: Any, x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
         ctx.segs = segs
         ctx.save_for_backward(x_NI, w_eIO)
-        y_NO = x_NI.new_empty((x_NI.shape[0], w_eIO.shape[-1]))
-        for a, b, j in segs:
-            torch.mm(x_NI[a:b], w_eIO[j], out=y_NO[a:b])
-        return y_NO
+        return _segment_forward(x_NI, w_eIO, segs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_NO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x_NI, w_eIO = ctx.saved_tensors
-        g_NO = g_NO.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x_NI.new_empty(x_NI.shape)
-            for a, b, j in ctx.segs:
-                torch.mm(g_NO[a:b], w_eIO[j].t(), out=grad_x[a:b])
-        if ctx.needs_input_grad[1]:
-            grad_w = w_eIO.new_empty(w_eIO.shape)
-            seen: set[int] = set()
-            for a, b, j in ctx.segs:
-                if j in seen:
-                    grad_w[j].addmm_(x_NI[a:b].t(), g_NO[a:b])
-                else:
-                    torch.mm(x_NI[a:b].t(), g_NO[a:b], out=grad_w[j])
-                    seen.add(j)
-            for j in set(range(w_eIO.shape[0])) - seen:
-                grad_w[j].zero_()  # an expert without rows gets a zero gradient
+        grad_x, grad_w = _segment_backward(g_NO, x_NI, w_eIO, ctx.segs, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[1])
         return grad_x, grad_w, None
+
+
+def _segment_forward(x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
+    """y[a:b] = x[a:b] @ w[j] for every segment (a, b, j), each product into its slice."""
+    y_NO = x_NI.new_empty((x_NI.shape[0], w_eIO.shape[-1]))
+    for a, b, j in segs:
+        torch.mm(x_NI[a:b], w_eIO[j], out=y_NO[a:b])
+    return y_NO
+
+
+def _segment_backward(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor, segs: list[Segment], need_x: bool,
+                      need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of :func:`_segment_forward` for x and w (an expert without rows: zero)."""
+    g_NO = g_NO.contiguous()
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = x_NI.new_empty(x_NI.shape)
+        for a, b, j in segs:
+            torch.mm(g_NO[a:b], w_eIO[j].t(), out=grad_x[a:b])
+    if need_w:
+        grad_w = w_eIO.new_empty(w_eIO.shape)
+        seen: set[int] = set()
+        for a, b, j in segs:
+            if j in seen:
+                grad_w[j].addmm_(x_NI[a:b].t(), g_NO[a:b])
+            else:
+                torch.mm(x_NI[a:b].t(), g_NO[a:b], out=grad_w[j])
+                seen.add(j)
+        for j in set(range(w_eIO.shape[0])) - seen:
+            grad_w[j].zero_()  # an expert without rows gets a zero gradient
+    return grad_x, grad_w
 
 
 def segment_mm(x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
     """Differentiable grouped GEMM over row segments (see :class:`_SegmentMM`)."""
     y: Tensor = _SegmentMM.apply(x_NI, w_eIO, segs)
     return y
+
+
+# ---- the same GEMMs as one opaque operator, for torch.compile ----
+# torch.compile cannot trace the host-side segment list (its length depends on the data) and its
+# fake-tensor kernel of grouped_mm accepts bf16 only, so under compile the expert GEMMs are one custom
+# operator each way: its fake implementation only states the output shape, its eager one reads the
+# counts (a host read inside the operator) and runs the eager paths above.
+
+
+def _op_segments(counts_G: Tensor, num_experts: int) -> list[Segment]:
+    return segments(counts_G.reshape(-1, num_experts))  # NOTE: host-device sync (inside the operator)
+
+
+@torch.library.custom_op("expert_parallel::segment_mm", mutates_args=())
+def _segment_mm_op(x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor) -> Tensor:
+    """y[a:b] = x[a:b] @ w[g % e] over the row segments of sizes ``counts_G`` ([R·e])."""
+    return _segment_forward(x_NI, w_eIO, _op_segments(counts_G, w_eIO.shape[0]))
+
+
+@_segment_mm_op.register_fake
+def _segment_mm_fake(x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor) -> Tensor:
+    return x_NI.new_empty((x_NI.shape[0], w_eIO.shape[-1]))
+
+
+@torch.library.custom_op("expert_parallel::segment_mm_backward", mutates_args=())
+def _segment_mm_backward_op(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor,
+                            counts_G: Tensor) -> tuple[Tensor, Tensor]:
+    segs = _op_segments(counts_G, w_eIO.shape[0])
+    grad_x, grad_w = _segment_backward(g_NO, x_NI, w_eIO, segs, True, True)
+    assert grad_x is not None and grad_w is not None
+    return grad_x, grad_w
+
+
+@_segment_mm_backward_op.register_fake
+def _segment_mm_backward_fake(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor,
+                              counts_G: Tensor) -> tuple[Tensor, Tensor]:
+    return x_NI.new_empty(x_NI.shape), w_eIO.new_empty(w_eIO.shape)
+
+
+def _segment_mm_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _segment_mm_grad(ctx: Any, g_NO: Tensor) -> tuple[Tensor, Tensor, None]:
+    x_NI, w_eIO, counts_G = ctx.saved_tensors
+    grad_x, grad_w = _segment_mm_backward_op(g_NO, x_NI, w_eIO, counts_G)
+    return grad_x, grad_w, None
+
+
+_segment_mm_op.register_autograd(_segment_mm_grad, setup_context=_segment_mm_setup)
 
 
 def _native_grouped_mm(x_NI: Tensor, w_eIO: Tensor, offs_e: Tensor) -> Tensor:
@@ -377,6 +440,11 @@ class GroupedExperts(nn.Module):
     def _run(self, x_ND: Tensor, counts_Re: Tensor, w: dict[str, Tensor],
              counts_host: list[int] | None) -> Tensor:
         """The expert MLP on the fastest path this device and dtype have."""
+        if torch.compiler.is_compiling():
+            counts_G = counts_Re.reshape(-1)
+            expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
+            return ffn(x_ND, w, self.activation, mm=lambda a, b: _segment_mm_op(a, b, counts_G),
+                       add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
         if _can_use_grouped_mm(x_ND, self.d_model, self.d_ff):
             if counts_Re.shape[0] == 1:
                 return self._grouped_mm(x_ND, counts_Re[0], w, _native_grouped_mm)

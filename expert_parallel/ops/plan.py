@@ -71,6 +71,17 @@ class RoutingPlan:
         return int(self.expert_N.shape[0])
 
 
+def count_values(index_M: Tensor, size: int) -> Tensor:
+    """int64 [size]: how often each value in [0, size) occurs in ``index_M``.
+
+    ``torch.bincount(index_M, minlength=size)`` with a fixed output shape: bincount's shape depends
+    on the largest value, which makes it a data-dependent operator (a graph break under
+    torch.compile, two device syncs on CUDA).
+    """
+    return torch.zeros(size, dtype=torch.int64, device=index_M.device).scatter_add_(
+        0, index_M, torch.ones_like(index_M, dtype=torch.int64))
+
+
 def _priority_order(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
                     drop_policy: str) -> Tensor:
     """[G, S*K] flat (s*K + k) indices of each group's assignments, highest priority first.
@@ -100,7 +111,7 @@ def slot_positions(expert_M: Tensor, group_M: Tensor, num_experts: int,
     """
     key_M = expert_M * num_groups + group_M
     key_sorted_M, order_M = torch.sort(key_M, stable=True)
-    block_counts = torch.bincount(key_M, minlength=num_experts * num_groups)
+    block_counts = count_values(key_M, num_experts * num_groups)
     block_start = torch.cumsum(block_counts, 0) - block_counts
     slot_M = torch.arange(key_M.shape[0], device=key_M.device) - block_start[key_sorted_M]
     return order_M, slot_M
@@ -127,17 +138,19 @@ def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
     # 2. Sort by (expert, group), stable so priority order survives inside each block.
     order_M, slot_M = slot_positions(expert_M, group_M, E, G)
     sorted_M = flat_M[order_M]
-    # 3. Keep what fits.  NOTE: host-device sync (boolean mask sizes the kept rows).
+    # 3. Keep what fits.  NOTE: host-device sync (one nonzero sizes the kept rows); the only one of
+    # the plan, and none in dropless mode.
     if capacity is not None:
-        keep_M = slot_M < capacity
-        sorted_M, slot_M = sorted_M[keep_M], slot_M[keep_M]
+        kept_N = torch.nonzero(slot_M < capacity).squeeze(1)
+        sorted_M, slot_M = sorted_M.index_select(0, kept_N), slot_M.index_select(0, kept_N)
     expert_N = idx_GSK.reshape(-1)[sorted_M]
+    counts_E = count_values(expert_N, E)
     return RoutingPlan(
         num_experts=E, num_groups=G, tokens_per_group=S, capacity=capacity,
         token_N=sorted_M // K, expert_N=expert_N, group_N=sorted_M // (S * K), slot_N=slot_M,
-        gate_N=gates_GSK.reshape(-1)[sorted_M], counts_E=torch.bincount(expert_N, minlength=E),
-        selected_E=torch.bincount(idx_GSK.reshape(-1), minlength=E),
-        dropped_fraction=torch.tensor(1.0 - sorted_M.shape[0] / max(G * S * K, 1), device=device))
+        gate_N=gates_GSK.reshape(-1)[sorted_M], counts_E=counts_E,
+        selected_E=count_values(idx_GSK.reshape(-1), E),
+        dropped_fraction=1.0 - counts_E.sum() / max(G * S * K, 1))
 
 
 def _full_slots(E: int, G: int, C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,7 +172,7 @@ def expert_choice_plan(tokens_GEC: Tensor, weights_GEC: Tensor, tokens_per_group
     expert_N, group_N, slot_N = _full_slots(E, G, C, tokens_GEC.device)
     token_N = (tokens_GEC + torch.arange(G, device=tokens_GEC.device)[:, None, None] * S)
     token_N = token_N.permute(1, 0, 2).reshape(-1)
-    taken_T = torch.bincount(token_N, minlength=G * S) > 0
+    taken_T = count_values(token_N, G * S) > 0
     return RoutingPlan(
         num_experts=E, num_groups=G, tokens_per_group=S, capacity=C, token_N=token_N,
         expert_N=expert_N, group_N=group_N, slot_N=slot_N,

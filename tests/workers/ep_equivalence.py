@@ -23,7 +23,7 @@ D, F, E, L = 8, 12, 8, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
 # --exchange / --ranks-per-node: the exchange of every case that has token copies (not soft), and
 # the ranks per node it sees (None: the launcher's LOCAL_WORLD_SIZE)
-LAYOUT: dict = dict(exchange="flat", ranks_per_node=None)
+LAYOUT: dict = dict(exchange="flat", ranks_per_node=None, compile=False)
 
 # sigmoid scores, aux-loss-free bias, 2 of 4 expert groups, routed scale, a gated shared expert,
 # the sequence-wise balance loss
@@ -141,9 +141,11 @@ def run_case(ctx: ep.DistContext, name: str) -> None:
 
     sizes = batch_sizes(kind, W)
     xs, ws = make_data(sizes, block, ctx.device)
-    # Expert-parallel: my slice only.
+    # Expert-parallel: my slice only (--compile: through torch.compile, a fresh compilation per case).
     x = xs[r].clone().requires_grad_()
-    y, aux = moe(x)
+    if LAYOUT["compile"]:
+        torch._dynamo.reset()
+    y, aux = (torch.compile(moe) if LAYOUT["compile"] else moe)(x)
     ((y * ws[r]).sum() + aux.loss).backward()
     ep.sync_gradients(moe, ctx)
     # Reference: every slice separately (groups end at rank boundaries), loss = mean over ranks.
@@ -338,8 +340,10 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None)  # the DeepSpeed launcher passes it
     parser.add_argument("--exchange", default="flat", choices=("flat", "hierarchical"))
     parser.add_argument("--ranks-per-node", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="the layer under torch.compile")
     args = parser.parse_args()
-    LAYOUT.update(exchange=args.exchange, ranks_per_node=args.ranks_per_node)
+    LAYOUT.update(exchange=args.exchange, ranks_per_node=args.ranks_per_node, compile=args.compile)
+    torch._inductor.config.fallback_random = True  # compiled noise draws what eager draws
     ctx = ep.init_distributed(ep_size=args.ep_size, backend=args.backend, timeout=120)
     assert ctx.launcher == args.launcher and ctx.backend == args.backend, (ctx.launcher, ctx.backend)
     assert ctx.world_size == ctx.ep_size * ctx.dp_size
