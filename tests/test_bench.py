@@ -38,6 +38,16 @@ def test_bench_command_writes_medians_ratios_and_peaks(tmp_path: Path) -> None:
         assert json.loads(out_json.read_text())["malloc"] == "freed memory kept"
 
 
+def test_bench_compile_puts_compiled_beside_eager(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    out = run([sys.executable, "-m", "expert_parallel", "bench", "--tokens", "128", *SMALL, "--no-deepspeed",
+               "--compile", "--capacity-factor", "none", "--json", str(out_json)], timeout=300)
+    point = json.loads(out_json.read_text())["points"][0]
+    assert {"ours", "ours-compiled"} <= set(point["median_s"]) and point["median_s"]["ours-compiled"] > 0
+    ratio = point["median_s"]["ours-compiled"] / point["median_s"]["ours"]
+    assert point["compiled_over_eager"] == ratio and f"compiled / eager = {ratio:.2f}" in out
+
+
 def test_bench_sweeps_write_points_and_a_plot(tmp_path: Path) -> None:
     out_json, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     run([sys.executable, "-m", "expert_parallel", "bench", *SMALL, "--no-deepspeed", "--sweep", "experts",

@@ -62,7 +62,7 @@ def test_bf16_on_the_gpu_routes_like_fp32(overrides: dict) -> None:
 
 
 def test_fp32_master_weights_under_bf16_autocast_reach_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not experts_module.grouped_mm_works(CUDA, torch.bfloat16):
+    if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
         pytest.skip("torch's grouped_mm does not run on this GPU in bf16 (the segment loop serves)")
     calls = []
     original = experts_module._native_grouped_mm
@@ -102,7 +102,7 @@ def test_built_on_the_gpu_or_on_meta_then_reset_on_the_gpu_alike(overrides: dict
 @pytest.mark.parametrize("sources", [1, 3])
 def test_grouped_mm_forward_and_backward_equal_the_segment_loop(sources: int,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    if not experts_module.grouped_mm_works(CUDA, torch.bfloat16):
+    if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
         pytest.skip("torch's grouped_mm does not run on this GPU in bf16")
     cfg = ep.MoEConfig(d_model=64, d_ff=128, num_experts=4, activation="swiglu", bias=True, dtype="bfloat16")
     experts = experts_module.GroupedExperts(cfg, base_seed=1).to(CUDA)
@@ -157,3 +157,35 @@ def test_compositions_on_nccl_equal_the_reference() -> None:
 
     out = torchrun(2, "compose.py", "--ep-size", "2", timeout=600)
     assert "ALL OK 5 with 2 ranks, ep_size 2" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("overrides", [dict(capacity_factor=None), dict(router="expert_choice"),
+                                       dict(router="soft")])
+def test_one_process_bf16_forward_and_backward_never_sync(overrides: dict) -> None:
+    """Where the fused grouped_mm takes device offsets, one process has no host sync at all in the
+    routers without a capacity mask: torch.cuda.set_sync_debug_mode("error") raises on any."""
+    if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
+        pytest.skip("no fused grouped_mm on this GPU (the segment loop reads the counts)")
+    cfg = dict(d_model=64, d_ff=128, num_experts=8, top_k=2, dtype=torch.bfloat16, **overrides)
+    moe = build(cfg).to(CUDA)
+    x = torch.randn(4, 32, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    moe(x)  # the first call's replica check and kernel probes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux = moe(x)
+        (y.float().square().mean() + aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_grouped_mm_takes_a_rank_that_receives_zero_rows() -> None:
+    """An expert-parallel rank whose experts received no rows runs grouped_mm on zero rows."""
+    if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
+        pytest.skip("no fused grouped_mm on this GPU")
+    w = torch.randn(4, 64, 128, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.zeros(0, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    y = experts_module._native_grouped_mm(x, w, torch.zeros(4, dtype=torch.int32, device=CUDA))
+    y.sum().backward()
+    assert y.shape == (0, 128) and w.grad is not None and torch.equal(w.grad, torch.zeros_like(w.grad))

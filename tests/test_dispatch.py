@@ -119,3 +119,33 @@ def test_comm_report_link_classes() -> None:
     assert report.sent_bytes == (40, 40, 52, 40)
     assert report.bytes_by_class == {"self": 40, "intra": 40, "inter": 92}
     assert CommReport("capacity", (1, 1), (1, 1), 1, 4).bytes_by_class == {"self": 8, "intra": 8, "inter": 0}
+
+
+@pytest.mark.parametrize("rows_dtype, gate_dtype", [(torch.float32, torch.float32),
+                                                     (torch.bfloat16, torch.float32),
+                                                     (torch.float32, torch.bfloat16)])
+def test_weighted_sum_rows_in_chunks_equals_the_plain_formula(monkeypatch: pytest.MonkeyPatch,
+                                                              rows_dtype: torch.dtype,
+                                                              gate_dtype: torch.dtype) -> None:
+    """Every chunked path (chunks of 3 rows, so several per call) against index_add under autograd:
+    output, row and gate gradients, in the wider dtype."""
+    from expert_parallel.ops.dispatch import _WeightedIndexAdd, weighted_sum_rows
+    for name in ("CHUNK", "BACKWARD_CHUNK", "WIDE_CHUNK"):
+        monkeypatch.setattr(_WeightedIndexAdd, name, 3)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(11, 5, generator=g).to(rows_dtype).requires_grad_()
+    gate = torch.rand(11, generator=g).to(gate_dtype).requires_grad_()
+    token = torch.tensor([0, 3, 1, 3, 2, 0, 4, 4, 1, 2, 0])
+    wide = torch.promote_types(rows_dtype, gate_dtype)
+    out = weighted_sum_rows(y, gate, token, 6)
+    y2, gate2 = y.detach().clone().requires_grad_(), gate.detach().clone().requires_grad_()
+    want = torch.zeros(6, 5, dtype=wide).index_add(0, token, y2.to(wide) * gate2.to(wide)[:, None])
+    assert out.dtype == wide
+    torch.testing.assert_close(out, want)
+    grad = torch.randn(6, 5, generator=g).to(wide)
+    out.backward(grad)
+    want.backward(grad)
+    assert y.grad is not None and gate.grad is not None
+    assert y.grad.dtype == rows_dtype and gate.grad.dtype == gate_dtype
+    torch.testing.assert_close(y.grad, y2.grad)
+    torch.testing.assert_close(gate.grad, gate2.grad)

@@ -208,3 +208,37 @@ def test_cpu_grouped_mm_path_equals_segment_mm(monkeypatch: pytest.MonkeyPatch, 
         assert torch.equal(a, b), name
     assert torch.equal(grouped[2 + list(experts.weights()).index("w_in")][1],
                        torch.zeros(16, 32, dtype=dtype))  # the expert without rows
+
+
+def test_bf16_weight_gradient_of_several_segments_sums_in_fp32() -> None:
+    """An expert fed by several source ranks: each segment's product rounded once, the sum in fp32
+    and cast once (a bf16 running sum would round once per source); an expert without rows: zero."""
+    from expert_parallel.ops.experts import segment_mm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(3, 8, 4, generator=g).bfloat16().requires_grad_()
+    segs = [(0, 10, 0), (10, 18, 1), (18, 30, 0), (30, 40, 0)]  # expert 0 three times, expert 2 never
+    y = segment_mm(x, w, segs)
+    gy = torch.randn(y.shape, generator=g).bfloat16()
+    y.backward(gy)
+    assert w.grad is not None and w.grad.dtype == torch.bfloat16
+    want0 = sum((x[a:b].detach().t() @ gy[a:b]).float() for a, b, j in segs if j == 0)
+    assert torch.equal(w.grad[0], want0.bfloat16())
+    assert torch.equal(w.grad[1], x[10:18].detach().t() @ gy[10:18])
+    assert torch.equal(w.grad[2], torch.zeros_like(w.grad[2]))
+
+
+def test_fused_grouped_mm_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grouped_mm on CUDA only where torch runs its fused kernel: bf16 on compute capability 9.0 or
+    10.x (elsewhere torch copies the offsets to the host and loops); never on the CPU path."""
+    from expert_parallel.ops import experts as module
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module, "grouped_mm_works", lambda device, dtype: True)
+    cuda = torch.device("cuda", 0)
+    for capability, dtype, fused in [((9, 0), torch.bfloat16, True), ((10, 0), torch.bfloat16, True),
+                                     ((8, 0), torch.bfloat16, False), ((8, 9), torch.bfloat16, False),
+                                     ((9, 0), torch.float16, False), ((9, 0), torch.float32, False),
+                                     ((12, 0), torch.bfloat16, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert module.fused_grouped_mm(cuda, dtype) is fused, (capability, dtype)
+    assert not module.fused_grouped_mm(torch.device("cpu"), torch.bfloat16)

@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="nccl runs on the GPUs (also as one process); default: gloo without a launcher")
     add("--peak-tflops", type=float, default=None,
         help="the device's dense peak in --dtype, for the fraction of peak (default: known GPUs, bf16)")
+    add("--compile", action="store_true",
+        help="also time our layer under torch.compile (ours-compiled), beside the eager one")
     add("--json", type=Path, default=None)
     add("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -97,11 +99,12 @@ class Variant:
         self.step()
 
 
-def _ours(cfg: MoEConfig, ctx: DistContext, x: Tensor) -> Variant:
+def _ours(cfg: MoEConfig, ctx: DistContext, x: Tensor, compiled: bool = False) -> Variant:
     layer = MoE(cfg, ep_group=ctx.ep_group).to(x.device)
+    run = torch.compile(layer) if compiled else layer
 
     def step() -> None:
-        y, aux = layer(x)
+        y, aux = run(x)
         (y.float().square().mean() + aux.loss).backward()
     return Variant(step, [x, *layer.parameters()])
 
@@ -227,6 +230,9 @@ def _variants(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Name
     x = torch.randn(1, tokens, cfg.d_model, generator=data, dtype=cfg.dtype).to(device).requires_grad_()
     variants = {"ours": _ours(cfg, ctx, x), "floor-loop": _floor_loop(cfg, ctx, tokens, device),
                 "floor-bmm": _floor_bmm(cfg, ctx, tokens, device)}
+    if args.compile:
+        torch.manual_seed(1234)  # the same weights as "ours"
+        variants["ours-compiled"] = _ours(cfg, ctx, x, compiled=True)
     note = ""
     if args.no_deepspeed:
         note = "DeepSpeed left out (--no-deepspeed)"
@@ -263,6 +269,8 @@ def measure(cfg: MoEConfig, ctx: DistContext, tokens: int, args: argparse.Namesp
     if peak_tflops:
         result["fraction_of_peak"] = {name: t / peak_tflops for name, t in result["expert_tflops"].items()}
         result["peak_tflops"] = peak_tflops
+    if "ours-compiled" in medians:
+        result["compiled_over_eager"] = medians["ours-compiled"] / medians["ours"]
     if "deepspeed" in medians:
         result["ours_over_deepspeed"] = medians["ours"] / medians["deepspeed"]
         result["deepspeed_over_floor"] = medians["deepspeed"] / medians["floor"]
@@ -485,6 +493,8 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{peak / 2**20:>11.1f}{peak / floor_peak:>9.2f}"
                          f"{point['expert_tflops'][name]:>10.2f}"
                          f"{'' if fraction is None else f'{fraction * 100:.1f} %':>9}")
+        if "compiled_over_eager" in point:
+            lines.append(f"  ours compiled / eager = {point['compiled_over_eager']:.2f}")
         if "ours_over_deepspeed" in point:
             lines.append(f"  ours / deepspeed = {point['ours_over_deepspeed']:.2f}")
         if point["note"]:

@@ -346,7 +346,9 @@ class HierarchicalDispatcher:
         assert st.row_H is not None and st.gate_H is not None and st.token_U is not None
         y_H = all_to_all(y_nD, st.send_rows, st.recv_rows, self.intra, st.info, "combine inside the node",
                          self.health)
-        partial_U = weighted_sum_rows(y_H, st.gate_H, st.row_H, sum(st.node_recv)).to(y_nD.dtype)
+        # The partial sums travel in the sum's dtype (fp32 for bf16 outputs and fp32 gates), so the
+        # hierarchical exchange rounds what the flat one rounds (the expert outputs) and no more.
+        partial_U = weighted_sum_rows(y_H, st.gate_H, st.row_H, sum(st.node_recv))
         back_U = all_to_all(partial_U, st.node_send, st.node_recv, self.rail, st.info,
                             "combine from other nodes", self.health)
         out_TD = back_U.new_zeros((num_tokens, back_U.shape[-1]),
@@ -379,10 +381,13 @@ class HierarchicalDispatcher:
         P, node, local = self.P, self.node, self.local
         sent, recv, meta = [0] * self.R, [0] * self.R, [0] * self.R
         copy_bytes = 8 + plan.gate_N.element_size()  # (row, expert) int32 + the gate
+        # combine's partial sums go back in the sum's dtype: the bytes beyond a row of x's dtype
+        sum_dtype = torch.promote_types(x_TD.dtype, plan.gate_N.dtype)
+        wider = (sum_dtype.itemsize - x_TD.element_size()) * x_TD.shape[-1]
         for v in range(self.V):
             sent[v * P + local] += sizes["node_send"][v]
             recv[v * P + local] += sizes["node_recv"][v]
-            meta[v * P + local] += sizes["copies_send"][v] * copy_bytes
+            meta[v * P + local] += sizes["copies_send"][v] * copy_bytes + sizes["node_recv"][v] * wider
         for j in range(P):
             sent[node * P + j] += sizes["intra_send"][j]
             recv[node * P + j] += sizes["intra_recv"][j]

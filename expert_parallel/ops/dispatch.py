@@ -35,7 +35,8 @@ class CommReport:
     from it; combine sends the received rows back. So over one call this rank sends, and receives,
     ``sent_rows[q] + recv_rows[q]`` rows to and from q. The entry for this rank itself is a local copy.
     The hierarchical exchange counts both of its stages (to proxies on other nodes, then inside the
-    node), and ``meta_bytes`` adds the per-copy routing metadata it sends with the rows.
+    node), and ``meta_bytes`` adds the per-copy routing metadata it sends with the rows and, in its
+    combine, the bytes by which the partial sums it sends back (fp32 for bf16 rows) exceed rows.
 
     Attributes:
         mode: "local" (every expert on this rank), "capacity" or "dropless".
@@ -47,7 +48,8 @@ class CommReport:
         rank: this rank's index in the expert-parallel group.
         ranks_per_node: P, ranks of the group per node (peer q is on node q // P); 0 = one node.
         exchange: "flat" or "hierarchical".
-        meta_bytes: bytes of routing metadata sent to each peer in dispatch (empty: none).
+        meta_bytes: bytes of routing metadata sent to each peer in dispatch, plus the extra width
+            of the hierarchical combine's partial sums (empty: none).
     """
 
     mode: str
@@ -213,51 +215,64 @@ class _WeightedIndexAdd(torch.autograd.Function):
     """out_TD[t] = Σ over the rows n of token t of gate_N[n] · y_ND[n].
 
     The same math as ``zeros.index_add(0, token_N, y_ND * gate_N[:, None])`` under autograd, with
-    fewer passes over the [N, D] rows, which are memory-bound: the weighted rows are made a chunk of
-    rows at a time (a cache-sized temporary instead of a fresh [N, D] tensor), and the backward
-    gathers the output gradient a chunk at a time into the row gradient, takes the gate gradient's
-    dot products from that cached chunk and scales it in place. The chunks are for CPU caches: on
-    CUDA (and when y and the gates differ in dtype) one pass does it. The sum runs in the wider
-    dtype of y and the gates.
+    fewer passes over the [N, D] rows, which are memory-bound, and with no [N, D] temporary in the
+    sum's dtype: the weighted rows are made a chunk of rows at a time, and the backward gathers the
+    output gradient a chunk at a time into the row gradient, takes the gate gradient's dot products
+    from that chunk and scales it in place. Chunks are cache-sized on CPU; on CUDA, and for bf16
+    rows with fp32 gates (where the chunk's temporaries are fp32), they bound the temporaries to
+    ``WIDE_CHUNK`` rows (32 MiB at D = 512 in fp32) instead of three fp32 copies of all rows. The
+    sum runs in the wider dtype of y and the gates.
     """
 
     CHUNK = 2048  # rows per chunk: 4 MiB of fp32 temporaries at D = 512
     BACKWARD_CHUNK = 512  # 1 MiB at D = 512: measured 8–15 % faster than 2048 rows
+    WIDE_CHUNK = 16384  # CUDA, or rows narrower than the sum: bounded temporaries, few launches
 
     @staticmethod
     def forward(ctx: Any, y_ND: Tensor, gate_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
         ctx.save_for_backward(y_ND, gate_N, token_N)
-        out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]),
-                                dtype=torch.promote_types(y_ND.dtype, gate_N.dtype))
+        dtype = torch.promote_types(y_ND.dtype, gate_N.dtype)
+        out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]), dtype=dtype)
         chunk = _WeightedIndexAdd.chunk(y_ND, gate_N, _WeightedIndexAdd.CHUNK)
         for a in range(0, y_ND.shape[0], chunk):
             b = a + chunk
-            out_TD.index_add_(0, token_N[a:b], y_ND[a:b] * gate_N[a:b, None])
+            out_TD.index_add_(0, token_N[a:b], y_ND[a:b].to(dtype) * gate_N[a:b, None].to(dtype))
         return out_TD
 
     @staticmethod
     def chunk(y_ND: Tensor, gate_N: Tensor, rows: int) -> int:
-        """Rows per chunk: ``rows`` for same-dtype CPU tensors, else all of them in one pass."""
-        return rows if y_ND.device.type == "cpu" and y_ND.dtype == gate_N.dtype else max(y_ND.shape[0], 1)
+        """Rows per chunk: ``rows`` for same-dtype CPU tensors, else ``WIDE_CHUNK``."""
+        same = y_ND.device.type == "cpu" and y_ND.dtype == gate_N.dtype
+        return rows if same else _WeightedIndexAdd.WIDE_CHUNK
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y_ND, gate_N, token_N = ctx.saved_tensors
-        if y_ND.dtype != gate_N.dtype or y_ND.device.type != "cpu":
-            g_ND = g_TD.index_select(0, token_N)
-            grad_gate = torch.linalg.vecdot(g_ND, y_ND.to(g_ND.dtype)) if ctx.needs_input_grad[1] else None
-            grad_rows = (g_ND * gate_N[:, None]).to(y_ND.dtype) if ctx.needs_input_grad[0] else None
-            return grad_rows, grad_gate, None, None
-        grad_y = y_ND.new_empty(y_ND.shape)  # first the gathered output gradient, scaled in place
-        grad_gate = gate_N.new_empty(gate_N.shape) if ctx.needs_input_grad[1] else None
-        for a in range(0, y_ND.shape[0], _WeightedIndexAdd.BACKWARD_CHUNK):
-            b = a + _WeightedIndexAdd.BACKWARD_CHUNK  # the chunk's rows stay in cache for all three
-            torch.index_select(g_TD, 0, token_N[a:b], out=grad_y[a:b])
+        need_rows, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_gate = gate_N.new_empty(gate_N.shape) if need_gate else None
+        if y_ND.dtype == g_TD.dtype:  # the gathered gradient is the row gradient, scaled in place
+            grad_y = y_ND.new_empty(y_ND.shape)
+            chunk = _WeightedIndexAdd.chunk(y_ND, gate_N, _WeightedIndexAdd.BACKWARD_CHUNK)
+            for a in range(0, y_ND.shape[0], chunk):
+                b = a + chunk  # the chunk's rows stay in cache for all three
+                torch.index_select(g_TD, 0, token_N[a:b], out=grad_y[a:b])
+                if grad_gate is not None and grad_gate.dtype == grad_y.dtype:
+                    torch.linalg.vecdot(grad_y[a:b], y_ND[a:b], out=grad_gate[a:b])
+                elif grad_gate is not None:
+                    grad_gate[a:b] = torch.linalg.vecdot(grad_y[a:b], y_ND[a:b])
+                grad_y[a:b].mul_(gate_N[a:b, None].to(grad_y.dtype))
+            return (grad_y if need_rows else None), grad_gate, None, None
+        # rows narrower than the sum (bf16 rows, fp32 gates): a chunk of the wide gradient at a time
+        grad_rows = y_ND.new_empty(y_ND.shape) if need_rows else None
+        for a in range(0, y_ND.shape[0], _WeightedIndexAdd.WIDE_CHUNK):
+            b = a + _WeightedIndexAdd.WIDE_CHUNK
+            g_nD = g_TD.index_select(0, token_N[a:b])
             if grad_gate is not None:
-                torch.linalg.vecdot(grad_y[a:b], y_ND[a:b], out=grad_gate[a:b])
-            grad_y[a:b].mul_(gate_N[a:b, None])
-        return (grad_y if ctx.needs_input_grad[0] else None), grad_gate, None, None
+                grad_gate[a:b] = torch.linalg.vecdot(g_nD, y_ND[a:b].to(g_nD.dtype)).to(gate_N.dtype)
+            if grad_rows is not None:
+                grad_rows[a:b] = g_nD.mul_(gate_N[a:b, None].to(g_nD.dtype))
+        return grad_rows, grad_gate, None, None
 
 
 class LocalDispatcher:

@@ -153,21 +153,33 @@ def _aligned(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     return d_model % align == 0 and d_ff % align == 0
 
 
+def _torch_grouped_mm() -> Callable[..., Tensor] | None:
+    """torch's grouped GEMM: ``F.grouped_mm`` (public from torch 2.10), ``torch._grouped_mm`` on
+    2.8 and 2.9, None before."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """``grouped_mm(x, w, offs=offs)`` of whichever name this torch has."""
+    fn = _torch_grouped_mm()
+    assert fn is not None, "torch < 2.8 has no grouped_mm"
+    return fn(x, w, offs=offs)
+
+
 @functools.cache
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch's grouped_mm runs on this device in this dtype: probed once with a tiny product.
 
-    Which GPUs and dtypes the CUDA kernel takes depends on the torch version and the GPU's compute
-    capability (bf16 is the documented case), and torch < 2.8 has no grouped_mm at all, so a probe is
-    the reliable test; where it fails, the segment loop serves. The CPU kernel (a C++ loop of one mm
-    per group) exists from torch 2.10 on.
+    torch < 2.8 has no grouped_mm at all; the CPU kernel (a C++ loop of one mm per group) exists from
+    torch 2.10 on. A probe is the reliable test that it runs; :func:`fused_grouped_mm` says whether
+    it runs fast on CUDA.
     """
-    if not hasattr(F, "grouped_mm"):
+    if _torch_grouped_mm() is None:
         return False
     try:
         x = torch.ones(16, 16, dtype=dtype, device=device)
         w = torch.ones(2, 16, 16, dtype=dtype, device=device)
-        F.grouped_mm(x, w, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+        grouped_mm(x, w, torch.tensor([8, 16], dtype=torch.int32, device=device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a failing kernel reports asynchronously
     except (RuntimeError, NotImplementedError, TypeError):
@@ -175,10 +187,21 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch runs its fused grouped-GEMM kernel here: CUDA, bf16, compute capability 9.0
+    (Hopper) or 10.x (Blackwell). Elsewhere torch's grouped_mm falls back to copying the offsets to
+    the host and looping one GEMM per group (a sync in every call), and the segment loop, which
+    reuses the host counts the exchange already has, is the better path."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not torch.cuda.is_available():
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return ((major, minor) == (9, 0) or major == 10) and grouped_mm_works(device, dtype)
+
+
 def _can_use_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
-    # torch's CUDA grouped_mm (with its own backward): 16-byte aligned strides, a supported GPU/dtype.
+    # torch's fused CUDA grouped_mm (with its own backward) with 16-byte aligned strides.
     # Unaligned sizes fall back to the segment loop rather than being padded (a copy of every row).
-    return x_ND.is_cuda and _aligned(x_ND, d_model, d_ff) and grouped_mm_works(x_ND.device, x_ND.dtype)
+    return x_ND.is_cuda and _aligned(x_ND, d_model, d_ff) and fused_grouped_mm(x_ND.device, x_ND.dtype)
 
 
 def _can_use_cpu_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
@@ -258,17 +281,34 @@ def _segment_backward(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor, segs: list[Segm
         for a, b, j in segs:
             torch.mm(g_NO[a:b], w_eIO[j].t(), out=grad_x[a:b])
     if need_w:
-        grad_w = w_eIO.new_empty(w_eIO.shape)
-        seen: set[int] = set()
-        for a, b, j in segs:
-            if j in seen:
-                grad_w[j].addmm_(x_NI[a:b].t(), g_NO[a:b])
-            else:
-                torch.mm(x_NI[a:b].t(), g_NO[a:b], out=grad_w[j])
-                seen.add(j)
-        for j in set(range(w_eIO.shape[0])) - seen:
-            grad_w[j].zero_()  # an expert without rows gets a zero gradient
+        grad_w = _segment_weight_grad(g_NO, x_NI, w_eIO, segs)
     return grad_x, grad_w
+
+
+def _segment_weight_grad(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
+    """grad_w[j] = Σ over j's segments of x[a:b]ᵀ @ g[a:b]; an expert without rows gets zero.
+
+    An expert with several segments (rows from several source ranks) sums them in fp32 when the
+    weights are 16-bit, cast once at the end: adding in bf16 would round the running sum once per
+    source rank.
+    """
+    repeated = len({j for _, _, j in segs}) < len(segs)
+    low = w_eIO.dtype in (torch.bfloat16, torch.float16)
+    grad_w = w_eIO.new_empty(w_eIO.shape, dtype=torch.float32 if repeated and low else w_eIO.dtype)
+    seen: set[int] = set()
+    for a, b, j in segs:
+        if j in seen and low:
+            grad_w[j].add_(x_NI[a:b].t() @ g_NO[a:b])  # the product rounded once, summed in fp32
+        elif j in seen:
+            grad_w[j].addmm_(x_NI[a:b].t(), g_NO[a:b])
+        elif grad_w.dtype == x_NI.dtype:
+            torch.mm(x_NI[a:b].t(), g_NO[a:b], out=grad_w[j])
+        else:
+            grad_w[j].copy_(x_NI[a:b].t() @ g_NO[a:b])
+        seen.add(j)
+    for j in set(range(w_eIO.shape[0])) - seen:
+        grad_w[j].zero_()
+    return grad_w.to(w_eIO.dtype)
 
 
 def segment_mm(x_NI: Tensor, w_eIO: Tensor, segs: list[Segment]) -> Tensor:
@@ -329,7 +369,7 @@ _segment_mm_op.register_autograd(_segment_mm_grad, setup_context=_segment_mm_set
 
 def _native_grouped_mm(x_NI: Tensor, w_eIO: Tensor, offs_e: Tensor) -> Tensor:
     """torch's grouped_mm with its own autograd (CUDA)."""
-    return F.grouped_mm(x_NI, w_eIO, offs=offs_e)
+    return grouped_mm(x_NI, w_eIO, offs_e)
 
 
 class _CPUGroupedMM(torch.autograd.Function):
@@ -344,7 +384,7 @@ class _CPUGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_NI: Tensor, w_eIO: Tensor, offs_e: Tensor) -> Tensor:
         ctx.save_for_backward(x_NI, w_eIO, offs_e)
-        y_NO: Tensor = F.grouped_mm(x_NI, w_eIO, offs=offs_e)
+        y_NO: Tensor = grouped_mm(x_NI, w_eIO, offs_e)
         return y_NO
 
     @staticmethod
@@ -354,9 +394,9 @@ class _CPUGroupedMM(torch.autograd.Function):
         g_NO = _as_row_major(g_NO)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(g_NO, w_eIO.transpose(-2, -1), offs=offs_e)
+            grad_x = grouped_mm(g_NO, w_eIO.transpose(-2, -1), offs_e)
         if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(x_NI.t(), g_NO, offs=offs_e)  # an empty group's product is zero
+            grad_w = grouped_mm(x_NI.t(), g_NO, offs_e)  # an empty group's product is zero
         return grad_x, grad_w, None
 
 
