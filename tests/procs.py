@@ -16,7 +16,8 @@ def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | 
             expect_failure: bool = False, cwd: Path = ROOT) -> list[str]:
     """Starts several commands at once (e.g. two node agents), each in its own session, and waits.
 
-    On timeout every process group is killed. Fails the test (AssertionError with the output's tail)
+    On timeout every process group gets SIGTERM (so that launchers run their cleanup), then SIGKILL
+    after 20 s. Fails the test (AssertionError with the output's tail)
     on a non-zero exit or a timeout. Returns each command's output (stdout and stderr).
     """
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -28,7 +29,13 @@ def run_all(cmds: list[list[str]], timeout: float, envs: list[dict[str, str]] | 
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
         tails = "\n".join(p.communicate()[0][-3000:] for p in procs)
         raise AssertionError(f"timed out after {timeout}s: {cmds}\n{tails}") from None
     for cmd, p, out in zip(cmds, procs, outs, strict=True):

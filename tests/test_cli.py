@@ -53,3 +53,42 @@ def test_help_describes_every_command(capsys) -> None:
     description = out.split("positional arguments:")[0]
     missing = [name for name in names if f"{name} (" not in description]
     assert not missing, (missing, description)
+
+
+BAD_INPUT = {  # the options, and what the one message must say
+    "bad router": (["--router", "bogus"], "router='bogus' is invalid: expected one of"),
+    "ep size": (["--ep-size", "3"], "ep_size=3 is invalid: expected a positive divisor of the world size"),
+    "missing data": (["--data", "no/such/file.txt"], "--data no/such/file.txt: no such file"),
+    "not a number": (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+}
+LAUNCHERS = {
+    "python": lambda args: [sys.executable, "examples/train_lm.py", *args],
+    "torchrun": lambda args: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc-per-node", "2", "examples/train_lm.py", *args],
+    "mpirun": lambda args: ["bash", "launch/mpirun.sh", "2", "examples/train_lm.py", *args],
+    "deepspeed": lambda args: ["bash", "launch/deepspeed.sh", "--num_gpus", "2", "--", "examples/train_lm.py",
+                               *args],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_bad_input_is_one_message_and_status_2(launcher: str, tmp_path: Path) -> None:
+    """Every bad option or missing file: one argparse-style line naming it, printed once (rank 0),
+    no traceback from any worker, exit status 2 (as one process; the launchers report their own
+    failure: torchrun with its ChildFailedError summary)."""
+    import os
+    if launcher == "mpirun" and subprocess.run(["which", "mpiexec"], capture_output=True).returncode:
+        pytest.skip("no mpiexec")
+    if launcher == "deepspeed" and subprocess.run(["which", "deepspeed"], capture_output=True).returncode:
+        pytest.skip("no deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    for name, (args, message) in BAD_INPUT.items():
+        if launcher != "python" and name == "not a number":
+            continue  # argparse's own error, the same line under every launcher (checked as one process)
+        proc = subprocess.run(LAUNCHERS[launcher]([*args, "--out", str(tmp_path / "run")]), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)
+        out = proc.stdout + proc.stderr
+        errors = [line for line in out.splitlines() if "error: " in line and "expert-parallel" in line]
+        assert len(errors) == 1 and message in errors[0], (name, out[-3000:])
+        assert proc.returncode == 2 if launcher == "python" else proc.returncode != 0, (name, proc.returncode)
+        assert "expert_parallel/" not in out and "[rank0]: Traceback" not in out, (name, out[-3000:])

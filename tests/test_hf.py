@@ -227,3 +227,53 @@ def test_finetune_flags_give_the_plain_runs_losses_and_a_loadable_model(tmp_path
     loaded = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "fsdp" / "model")],
                             capture_output=True, text=True, timeout=120, check=True).stdout
     assert "loaded deepseek_v3 True bias trained True" in loaded, loaded
+
+
+MTP_KEYS = {"deepseek_v3": ["model.layers.61.embed_tokens.weight", "model.layers.61.eh_proj.weight",
+                            "model.layers.61.mlp.experts.0.gate_proj.weight"],
+            "glm4_moe": ["model.layers.46.eh_proj.weight", "model.layers.46.enorm.weight",
+                         "model.layers.46.mlp.experts.0.up_proj.weight"],
+            "qwen3_next": ["mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.mlp.experts.0.down_proj.weight"]}
+
+
+@pytest.mark.parametrize("family", list(MTP_KEYS))
+def test_from_pretrained_skips_what_transformers_skips(family: str, tmp_path: Path) -> None:
+    """Released DeepSeek-V3, GLM-4.5 and Qwen3-Next files carry multi-token-prediction layers that
+    the model class tells transformers to ignore: both loaders skip them and agree on every weight."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    (file,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(file)
+    for key in MTP_KEYS[family]:
+        tensors[key] = torch.randn(4, 4)
+    save_file(tensors, file, metadata={"format": "pt"})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours = ep.hf.from_pretrained(tmp_path)
+    mine = ep.hf.hf_state_dict(ours)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(mine[name], value), name
+
+
+@pytest.mark.parametrize("how", ["fp8 block scale", "quantization_config"])
+def test_quantized_checkpoints_are_refused_with_the_recipe(how: str, tmp_path: Path) -> None:
+    """An FP8 block scale among the tensors, or a quantization_config in config.json: one message
+    naming the format and the dequantise-first recipe (before: the scale was loaded without a word)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    tiny_model("deepseek_v3").save_pretrained(tmp_path)
+    if how == "fp8 block scale":
+        (file,) = tmp_path.glob("*.safetensors")
+        tensors = load_file(file)
+        tensors["model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
+        save_file(tensors, file, metadata={"format": "pt"})
+        match = r"quantised \(FP8 \(block scales\): .*_scale_inv\).*FineGrainedFP8Config\(dequantize=True\)"
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        match = r"quantised \(its config has a quantization_config \(quant_method 'fp8'\)\).*dequantize"
+    with pytest.raises(ValueError, match=match):
+        ep.hf.from_pretrained(tmp_path)

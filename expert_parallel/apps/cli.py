@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -46,10 +48,35 @@ def info() -> str:
     ])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors printed by rank 0 only (every rank parses the same line)."""
+
+    def error(self, message: str) -> NoReturn:
+        if launch_env().rank == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# Bad input the programs report as a usage error (one line, exit status 2, no traceback): options
+# the config refuses (ValueError), files that are not there. EXPERT_PARALLEL_TRACEBACK=1 re-raises.
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def _bad_input(command: str, err: Exception) -> int:
+    """Prints ``err`` once (rank 0) as ``expert-parallel COMMAND: error: ...`` and ends the job
+    with status 2: its process groups destroyed, a launched process ended without teardown."""
+    if launch_env().rank == 0:
+        message = err.args[0] if isinstance(err, OSError) and len(err.args) == 1 else err
+        print(f"expert-parallel {command}: error: {message}", file=sys.stderr, flush=True)
+    shutdown(exit_code=2)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    parser = argparse.ArgumentParser(prog="expert-parallel", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="expert-parallel", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(sub.add_parser("demo", help="train one MoE block on random data"))
     train_parser = sub.add_parser("train", help="train an MoE language model (expert-parallel)")
@@ -67,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         "plan-cluster", help="predict all-to-all bytes and time on a cluster (cost model)"))
     sub.add_parser("info", help="print versions and devices")
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except BAD_INPUT as err:
+        if os.environ.get("EXPERT_PARALLEL_TRACEBACK") == "1":
+            raise
+        return _bad_input(args.command, err)
+    shutdown()  # a launched worker leaves here, skipping the teardown that can abort it
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """The chosen command."""
     if args.command == "info":
         print(info())
     elif args.command == "train":
@@ -85,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         finetune_hf.finetune(args)
     else:
         demo.run(args)
-    shutdown()  # a launched worker leaves here, skipping the teardown that can abort it
-    return 0
 
 
 if __name__ == "__main__":

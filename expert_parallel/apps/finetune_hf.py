@@ -157,6 +157,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # every rank builds the same model
     model: Any
     if args.model is not None:
+        if not args.model.is_dir():
+            raise FileNotFoundError(f"--model {args.model}: no such directory (a local transformers "
+                                    "checkpoint)")
         model = hf.from_pretrained(args.model, ctx)
     else:
         model = hf.expert_parallelize(AutoModelForCausalLM.from_config(tiny_config(args.family)), ctx)

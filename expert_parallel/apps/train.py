@@ -106,8 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---- data ----
 def load_corpus(path: Path | None) -> Tensor:
-    """Bytes of the corpus as uint8: the file, or CPython's bundled pydoc topics."""
+    """Bytes of the corpus as uint8: the file, or CPython's bundled pydoc topics.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file (named as the --data option).
+    """
     if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {path}: no such file")
         return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
     from pydoc_data.topics import topics
     text = "\n\n".join(topics[key] for key in sorted(topics))

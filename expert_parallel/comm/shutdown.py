@@ -12,7 +12,7 @@ from . import exchange
 from .distributed import DistContext, launch_env
 
 
-def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None) -> None:
+def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None, exit_code: int = 0) -> None:
     """Ends the job's process groups; in a launched process, also the process. Call it last.
 
     Process groups outlive ``destroy_process_group`` while anything still references them (the
@@ -27,7 +27,7 @@ def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None
        sub-groups, so that a new ``init_distributed`` builds fresh ones;
     2. under a launcher (torchrun, DeepSpeed, mpirun, srun) the process then runs its ``atexit``
        handlers (logging, experiment trackers; not under mpirun, see below), flushes stdout and
-       stderr, and leaves with ``os._exit(0)``, skipping the interpreter teardown where the abort
+       stderr, and leaves with ``os._exit(exit_code)``, skipping the interpreter teardown where the abort
        happens. Files you opened yourself must be closed before (a ``with`` block does that).
 
     Without a launcher (one ``python`` process, a notebook, a test) it only destroys the groups and
@@ -37,6 +37,7 @@ def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None
         ctx: the job's context (its ``launcher`` decides whether to exit); default: read from the
             environment.
         exit_process: force (True) or prevent (False) the exit; default: exit when launched.
+        exit_code: the launched process's exit status (0; the programs use 2 for bad input).
     """
     launcher = ctx.launcher if ctx is not None else launch_env().launcher
     started = dist.is_available() and dist.is_initialized()
@@ -57,4 +58,4 @@ def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None
             atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)

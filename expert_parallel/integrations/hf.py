@@ -337,11 +337,16 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
     ``dtype``).
 
     Raises:
-        ValueError: an unsupported family, a checkpoint that does not fit the model (gpt-oss's
-            MXFP4-quantised experts among them), or experts not divisible by the EP size.
+        ValueError: an unsupported family, a quantised checkpoint (FP8 scales, MXFP4, a
+            ``quantization_config``: dequantise first), a checkpoint that does not fit the model
+            (beyond the keys the model class tells transformers to ignore), or experts not
+            divisible by the EP size.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (ep.hf.from_pretrained reads a local "
+                                "transformers checkpoint; nothing is downloaded)")
     config = AutoConfig.from_pretrained(path)
     if str(config.model_type) not in FAMILIES:
         raise ValueError(f"model_type {config.model_type!r} has no MoE block that expert_parallel "
@@ -350,8 +355,11 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     family, blocks = _moe_blocks(model, str(config.model_type))
     files = _SafetensorsDir(Path(path), str(config.model_type))
-    files.check_not_quantized()
-    missing, unexpected = model.load_state_dict(files.non_expert_tensors(), strict=False)
+    files.check_not_quantized(config)
+    # what transformers skips too: the model class's patterns (DeepSeek-V3's, GLM-4.5's and
+    # Qwen3-Next's multi-token-prediction layers)
+    ignore = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    missing, unexpected = model.load_state_dict(files.non_expert_tensors(ignore), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if not k.endswith(tuple(f"experts.{n}" for n in EXPERT_TENSORS))
                and k not in tied]
@@ -421,17 +429,40 @@ class _SafetensorsDir:
     def _internal(self, key: str) -> str:
         return key.replace(*self.rename) if self.rename else key
 
-    def check_not_quantized(self) -> None:
-        """ValueError for quantised experts (gpt-oss's MXFP4 ``*_blocks`` / ``*_scales``), which this
-        reader does not dequantise."""
-        quantized = sorted(k for k in self.where if ".experts." in k and k.endswith(("_blocks", "_scales")))
-        if quantized:
-            raise ValueError(f"the experts of this checkpoint are quantised ({quantized[0]}, ...): load it "
-                             "with transformers, dequantised (gpt-oss: quantization_config="
-                             "Mxfp4Config(dequantize=True)), then call expert_parallelize")
+    # key endings of quantised checkpoints: FP8 block scales (DeepSeek-V3, GLM-4.5 FP8 releases,
+    # transformers' fine-grained FP8), per-tensor FP8 scales, MXFP4 blocks and scales (gpt-oss)
+    QUANTIZED: ClassVar[dict[str, str]] = {
+        "_scale_inv": "FP8 (block scales)", "weight_scale": "FP8 (weight scales)",
+        "input_scale": "FP8 (activation scales)", "_blocks": "MXFP4", "_scales": "MXFP4"}
 
-    def non_expert_tensors(self) -> dict[str, Tensor]:
-        """Every tensor except the experts', under the model's (internal) names."""
+    def check_not_quantized(self, config: Any) -> None:
+        """ValueError for a quantised checkpoint (a ``quantization_config``, FP8 scales, MXFP4
+        blocks), which this reader does not dequantise: one message naming the format and the
+        dequantise-first recipe."""
+        quant = getattr(config, "quantization_config", None)
+        where = ""
+        if quant is not None:
+            method = (quant.get("quant_method") if isinstance(quant, dict)
+                      else getattr(quant, "quant_method", quant))
+            where = f"its config has a quantization_config (quant_method {method!r})"
+        else:
+            for key in sorted(self.where):
+                fmt = next((f for end, f in self.QUANTIZED.items() if key.endswith(end)), None)
+                if fmt is not None:
+                    where = f"{fmt}: {key}"
+                    break
+        if where:
+            raise ValueError(
+                f"this checkpoint is quantised ({where}); ep.hf.from_pretrained reads unquantised "
+                "weights only. Dequantise first: load it with transformers and a dequantising config "
+                "(FineGrainedFP8Config(dequantize=True) for FP8, Mxfp4Config(dequantize=True) for "
+                "MXFP4), then either call ep.hf.expert_parallelize on that model or save_pretrained it "
+                "and load the saved directory here")
+
+    def non_expert_tensors(self, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, Tensor]:
+        """Every tensor except the experts' and those matching an ``ignore`` pattern (the model
+        class's ``_keys_to_ignore_on_load_unexpected``: multi-token-prediction layers), under the
+        model's (internal) names."""
         import re
 
         from safetensors import safe_open
@@ -440,7 +471,7 @@ class _SafetensorsDir:
         for file in self.files:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if not expert.search(key):
+                    if not expert.search(key) and not any(re.search(p, key) for p in ignore):
                         out[self._internal(key)] = f.get_tensor(key)
         return out
 
