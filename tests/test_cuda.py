@@ -189,3 +189,38 @@ def test_grouped_mm_takes_a_rank_that_receives_zero_rows() -> None:
     y = experts_module._native_grouped_mm(x, w, torch.zeros(4, dtype=torch.int32, device=CUDA))
     y.sum().backward()
     assert y.shape == (0, 128) and w.grad is not None and torch.equal(w.grad, torch.zeros_like(w.grad))
+
+
+def test_checkpoints_resume_the_cuda_generators_exactly(tmp_path: Path) -> None:
+    """N+1 steps equal N steps, save, load into a fresh model, 1 step, with dropout and noisy top-k
+    (and router jitter) drawing from the CUDA generator."""
+    ctx = ep.init_distributed()
+    cfg = dict(d_model=64, d_ff=128, num_experts=8, top_k=2, router="noisy_topk", dropout=0.1,
+               router_jitter=0.01, capacity_factor=None)
+
+    def make() -> tuple[ep.MoE, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = build(cfg).to(CUDA).train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(model: ep.MoE, opt: torch.optim.Optimizer) -> None:
+        y, aux = model(torch.randn(2, 16, 64, device=CUDA))
+        (y.square().mean() + aux.loss).backward()
+        opt.step()
+        opt.zero_grad()
+
+    whole, opt = make()
+    torch.cuda.manual_seed_all(1)
+    for _ in range(3):
+        step(whole, opt)
+    part, opt = make()
+    torch.cuda.manual_seed_all(1)
+    for _ in range(2):
+        step(part, opt)
+    path = ep.save_checkpoint(tmp_path, part, opt, ctx, step=2)
+    resumed, opt2 = make()
+    torch.cuda.manual_seed_all(99)  # what the load must undo
+    ep.load_checkpoint(path, resumed, opt2, ctx)
+    step(resumed, opt2)
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), whole.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -7,8 +7,9 @@ Format: a directory per step written by ``torch.distributed.checkpoint`` (DCP) w
 - ``optim``: optimizer state keyed by parameter name. An expert parameter's moments (any state tensor
   shaped like the parameter) are sharded the same way, so they follow their experts;
 - ``meta``: the step and whatever the caller adds (data position, metrics state).
-Per-rank RNG states go beside it (``rng_rank{r}_of{W}.pt``) and are restored when the world size
-matches (exact resume); a run resumed in another layout reseeds instead.
+Per-rank RNG states (the CPU generator and every CUDA device's) go beside it
+(``rng_rank{r}_of{W}.pt``) and are restored when the world size matches (exact resume); a run
+resumed in another layout reseeds instead.
 
 Atomicity: a checkpoint is written to ``step_N.tmp`` and renamed to ``step_N`` once every rank has
 finished; then ``latest`` is replaced atomically (write + rename). A process killed mid-save leaves
@@ -109,6 +110,26 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: Dis
     return {"state": state, "param_groups": groups}
 
 
+def _rng_states() -> dict[str, Any]:
+    """This rank's generators: the CPU one and every CUDA device's (router jitter, noisy top-k and
+    dropout draw from the CUDA generator when the model is on a GPU)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(f"the checkpoint holds the generators of {len(cuda)} CUDA devices, this "
+                             f"process sees {torch.cuda.device_count()}: resume with the same devices "
+                             f"visible to each rank, or reseed")
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _rng_file(path: Path, ctx: DistContext) -> Path:
     return path / f"rng_rank{ctx.rank}_of{ctx.world_size}.pt"
 
@@ -142,7 +163,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     if optimizer is not None:
         state["optim"] = optimizer_state(optimizer, model, ctx, unused)
     dcp.save(state, checkpoint_id=tmp)  # NOTE: collective (every rank writes its shards)
-    torch.save({"torch": torch.get_rng_state()}, _rng_file(tmp, ctx))
+    torch.save(_rng_states(), _rng_file(tmp, ctx))
     dist.barrier()  # NOTE: collective: all shards are written before the rename
     if ctx.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -214,7 +235,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         _restore_hyperparameters(optimizer, state["optim"]["param_groups"])
     if _rng_file(path, ctx).exists():
-        torch.set_rng_state(torch.load(_rng_file(path, ctx))["torch"])
+        _restore_rng_states(torch.load(_rng_file(path, ctx)))
     loaded: dict[str, Any] = state["meta"]
     return loaded
 
