@@ -222,9 +222,14 @@ class ExpertParallelBlock(nn.Module):
                         **family.expert_fields(config, experts))
         ep_group = ctx.ep_group if ctx is not None else None
         device = self.family_router().weight.device
-        with torch.random.fork_rng(devices=[]):  # its own initial weights are replaced below
+        with torch.random.fork_rng(devices=[]):  # the user's generator untouched
             torch.default_generator.manual_seed(0)  # the CPU generator only: GPU seeds stay the user's
-            self.moe = MoE(cfg, ep_group=ep_group).to(device)
+            # Built on the meta device and given storage without drawing anything: its experts are
+            # this rank's rows of the model's own (below) and its router is the family's.
+            self.moe = MoE(cfg, ep_group=ep_group, device="meta").to_empty(device=device)
+        with torch.no_grad():
+            for buffer in self.moe.buffers():  # the balancing counts and bias start at zero
+                buffer.zero_()
         first, count = self.moe.experts.first, self.moe.experts.num_local
         if local is None:  # this rank's rows of the model's own expert tensors
             local = {name: getattr(experts, name).detach()[first:first + count] for name in self.layout.names}
