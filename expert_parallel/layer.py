@@ -232,9 +232,13 @@ class MoE(nn.Module):
         if not self.replicas_checked:  # built on the meta device and loaded since
             self.check_replicas()
         B, L, D = x_BLD.shape
-        if not in_backward():  # a recomputation (activation checkpointing) is the same call again
+        # A recomputation (activation checkpointing) is the same call again. Under torch.compile
+        # the count stays put: a module attribute that changes every call would make Dynamo
+        # recompile every call (and then fall back to eager once its cache is full).
+        if not in_backward() and not torch.compiler.is_compiling():
             self.calls += 1
-        info = CallInfo(self.layer_name, self.calls, self.check_splits)
+        compiling = torch.compiler.is_compiling()  # errors then name the call 0: no guard on calls
+        info = CallInfo(self.layer_name, 0 if compiling else self.calls, self.check_splits)
         if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
             return self._reduced_under_ddp(x_BLD * 0, ddp_sync), empty_aux(self.cfg.num_experts, x_BLD.device)
         S = group_size(self.cfg, B, L)

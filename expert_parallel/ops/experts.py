@@ -328,9 +328,20 @@ def _op_segments(counts_G: Tensor, num_experts: int) -> list[Segment]:
     return segments(counts_G.reshape(-1, num_experts))  # NOTE: host-device sync (inside the operator)
 
 
+def _one_group_per_expert(x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor) -> bool:
+    """Rows in expert-major groups (one source) that torch's CPU grouped_mm takes as they are."""
+    return (counts_G.numel() == w_eIO.shape[0] and x_NI.device.type == "cpu" and _row_major(x_NI)
+            and x_NI.dtype in (torch.float32, torch.bfloat16) and w_eIO.is_contiguous()
+            and all(n * x_NI.element_size() % 16 == 0 for n in w_eIO.shape[1:])
+            and grouped_mm_works(x_NI.device, x_NI.dtype))
+
+
 @torch.library.custom_op("expert_parallel::segment_mm", mutates_args=())
 def _segment_mm_op(x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor) -> Tensor:
-    """y[a:b] = x[a:b] @ w[g % e] over the row segments of sizes ``counts_G`` ([R·e])."""
+    """y[a:b] = x[a:b] @ w[g % e] over the row segments of sizes ``counts_G`` ([R·e]): the CPU
+    grouped_mm (device offsets, no host read) where the rows allow, else the segment loop."""
+    if _one_group_per_expert(x_NI, w_eIO, counts_G):
+        return grouped_mm(x_NI, w_eIO, torch.cumsum(counts_G, 0).to(torch.int32))
     return _segment_forward(x_NI, w_eIO, _op_segments(counts_G, w_eIO.shape[0]))
 
 
@@ -342,6 +353,10 @@ def _segment_mm_fake(x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor) -> Tensor:
 @torch.library.custom_op("expert_parallel::segment_mm_backward", mutates_args=())
 def _segment_mm_backward_op(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor,
                             counts_G: Tensor) -> tuple[Tensor, Tensor]:
+    if _one_group_per_expert(x_NI, w_eIO, counts_G):
+        offs = torch.cumsum(counts_G, 0).to(torch.int32)
+        g_NO = _as_row_major(g_NO)
+        return grouped_mm(g_NO, w_eIO.transpose(-2, -1), offs), grouped_mm(x_NI.t(), g_NO, offs)
     segs = _op_segments(counts_G, w_eIO.shape[0])
     grad_x, grad_w = _segment_backward(g_NO, x_NI, w_eIO, segs, True, True)
     assert grad_x is not None and grad_w is not None
