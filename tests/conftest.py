@@ -3,11 +3,20 @@ reproducible; local runs and tests/repeat_distributed.sh keep exploring new rand
 cleanup of what DeepSpeed leaves in /dev/shm."""
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+# torch.compile's on-disk caches are this session's own (inherited by the launched workers): a
+# cache shared across runs can hand a compiled graph built against another version of our custom
+# operators to this one.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="ep-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_COMPILE_CACHE, "triton"))
 
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
@@ -19,6 +28,12 @@ if os.environ.get("CI"):
 # there they fill the machine's memory over many runs. The session removes the ones it made.
 _SHM = Path("/dev/shm")
 _DEEPSPEED_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_compile_cache() -> Iterator[None]:
+    yield
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

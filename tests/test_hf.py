@@ -277,3 +277,19 @@ def test_quantized_checkpoints_are_refused_with_the_recipe(how: str, tmp_path: P
         match = r"quantised \(its config has a quantization_config \(quant_method 'fp8'\)\).*dequantize"
     with pytest.raises(ValueError, match=match):
         ep.hf.from_pretrained(tmp_path)
+
+
+def test_ignore_patterns_skip_only_tensors_the_model_does_not_have(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """GLM-4.5's pattern for its MTP layer 92 also names its real layer 46: a pattern that matches a
+    real layer (here layer 1 of the tiny model) must not drop that layer's tensors."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+    tiny_model("glm4_moe").save_pretrained(tmp_path)
+    monkeypatch.setattr(tf.Glm4MoeForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.1.*"])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    mine = ep.hf.hf_state_dict(ep.hf.from_pretrained(tmp_path))
+    layer1 = [name for name in plain.state_dict() if name.startswith("model.layers.1.")]
+    assert layer1
+    for name, value in plain.state_dict().items():
+        assert torch.equal(mine[name], value), name

@@ -59,16 +59,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 # Bad input the programs report as a usage error (one line, exit status 2, no traceback): options
-# the config refuses (ValueError), files that are not there. EXPERT_PARALLEL_TRACEBACK=1 re-raises.
+# the config or the job setup refuses (a ValueError raised by the config, init_distributed or the
+# programs' own checks), files that are not there. Anything raised deeper keeps its traceback, and
+# EXPERT_PARALLEL_TRACEBACK=1 shows it for these too.
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError)
+_INPUT_CHECKS = ("expert_parallel/config.py", "expert_parallel/comm/distributed.py", "expert_parallel/apps/")
+
+
+def _is_bad_input(err: BaseException) -> bool:
+    """Whether ``err`` reports bad input: one of BAD_INPUT, raised by the input checks themselves."""
+    if not isinstance(err, BAD_INPUT) or os.environ.get("EXPERT_PARALLEL_TRACEBACK") == "1":
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace(os.sep, "/") if tb is not None else ""
+    return any(check in where for check in _INPUT_CHECKS)
 
 
 def _bad_input(command: str, err: Exception) -> int:
-    """Prints ``err`` once (rank 0) as ``expert-parallel COMMAND: error: ...`` and ends the job
-    with status 2: its process groups destroyed, a launched process ended without teardown."""
-    if launch_env().rank == 0:
-        message = err.args[0] if isinstance(err, OSError) and len(err.args) == 1 else err
-        print(f"expert-parallel {command}: error: {message}", file=sys.stderr, flush=True)
+    """Prints ``err`` as ``expert-parallel COMMAND: error: ...`` once (rank 0; a missing file also
+    once per node, where it may be missing on that node only) and ends the job with status 2: its
+    process groups destroyed, a launched process ended without teardown."""
+    launch = launch_env()
+    missing_file = isinstance(err, OSError)
+    if launch.rank == 0 or (missing_file and launch.local_rank == 0):
+        message = err.args[0] if missing_file and len(err.args) == 1 else err
+        where = f"[rank {launch.rank}] " if launch.rank else ""
+        print(f"{where}expert-parallel {command}: error: {message}", file=sys.stderr, flush=True)
     shutdown(exit_code=2)
     return 2
 
@@ -97,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run(args)
     except BAD_INPUT as err:
-        if os.environ.get("EXPERT_PARALLEL_TRACEBACK") == "1":
+        if not _is_bad_input(err):
             raise
         return _bad_input(args.command, err)
     shutdown()  # a launched worker leaves here, skipping the teardown that can abort it

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,23 +112,28 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: Dis
 
 
 def _rng_states() -> dict[str, Any]:
-    """This rank's generators: the CPU one and every CUDA device's (router jitter, noisy top-k and
-    dropout draw from the CUDA generator when the model is on a GPU)."""
+    """This rank's generators: the CPU one and, where this process uses CUDA, its current device's
+    (router jitter, noisy top-k and dropout draw from it when the model is on that GPU)."""
     states: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        index = torch.cuda.current_device()
+        states["cuda"] = {"device": index, "state": torch.cuda.get_rng_state(index)}
     return states
 
 
 def _restore_rng_states(states: dict[str, Any]) -> None:
+    """The CPU generator, and the saved CUDA device's where this process has that device (else a
+    warning: that generator keeps its own seed)."""
     torch.set_rng_state(states["torch"])
     cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) != torch.cuda.device_count():
-            raise ValueError(f"the checkpoint holds the generators of {len(cuda)} CUDA devices, this "
-                             f"process sees {torch.cuda.device_count()}: resume with the same devices "
-                             f"visible to each rank, or reseed")
-        torch.cuda.set_rng_state_all(cuda)
+    if cuda is None:
+        return
+    if torch.cuda.is_available() and cuda["device"] < torch.cuda.device_count():
+        torch.cuda.set_rng_state(cuda["state"], cuda["device"])
+    else:
+        warnings.warn(f"the checkpoint holds the generator of CUDA device {cuda['device']}, which this "
+                      f"process does not have: that generator is not restored (the resumed run's "
+                      f"dropout and router noise differ from the uninterrupted one's)", stacklevel=3)
 
 
 def _rng_file(path: Path, ctx: DistContext) -> Path:

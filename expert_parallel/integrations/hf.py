@@ -364,7 +364,8 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
     # what transformers skips too: the model class's patterns (DeepSeek-V3's, GLM-4.5's and
     # Qwen3-Next's multi-token-prediction layers)
     ignore = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    missing, unexpected = model.load_state_dict(files.non_expert_tensors(ignore), strict=False)
+    known = set(model.state_dict())
+    missing, unexpected = model.load_state_dict(files.non_expert_tensors(ignore, known), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if not k.endswith(tuple(f"experts.{n}" for n in EXPERT_TENSORS))
                and k not in tied]
@@ -464,10 +465,13 @@ class _SafetensorsDir:
                 "MXFP4), then either call ep.hf.expert_parallelize on that model or save_pretrained it "
                 "and load the saved directory here")
 
-    def non_expert_tensors(self, ignore: list[str] | tuple[str, ...] = ()) -> dict[str, Tensor]:
-        """Every tensor except the experts' and those matching an ``ignore`` pattern (the model
-        class's ``_keys_to_ignore_on_load_unexpected``: multi-token-prediction layers), under the
-        model's (internal) names."""
+    def non_expert_tensors(self, ignore: list[str] | tuple[str, ...] = (),
+                           known: set[str] | None = None) -> dict[str, Tensor]:
+        """Every tensor except the experts', under the model's (internal) names; a tensor the model
+        does not have (not in ``known``) that matches an ``ignore`` pattern (the model class's
+        ``_keys_to_ignore_on_load_unexpected``: multi-token-prediction layers) is skipped, as
+        transformers skips it (only unexpected keys: GLM-4.5's pattern for its MTP layer 92 also
+        names its real layer 46)."""
         import re
 
         from safetensors import safe_open
@@ -476,8 +480,11 @@ class _SafetensorsDir:
         for file in self.files:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if not expert.search(key) and not any(re.search(p, key) for p in ignore):
-                        out[self._internal(key)] = f.get_tensor(key)
+                    name = self._internal(key)
+                    unexpected = known is not None and name not in known
+                    if expert.search(key) or (unexpected and any(re.search(p, key) for p in ignore)):
+                        continue
+                    out[name] = f.get_tensor(key)
         return out
 
     def experts(self, block: str, first: int, count: int, layout: ExpertLayout) -> dict[str, Tensor]:

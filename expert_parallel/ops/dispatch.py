@@ -70,7 +70,8 @@ class CommReport:
 
     @property
     def sent_bytes(self) -> tuple[int, ...]:
-        """Bytes sent to each peer over the call (dispatch + combine; equals the bytes received)."""
+        """Bytes sent to each peer over the call (dispatch + combine; with ``meta_bytes``, what this
+        rank sends: the hierarchical combine's wider partial sums are counted by their sender)."""
         row_bytes = self.row_elements * self.element_size
         meta = self.meta_bytes or (0,) * len(self.sent_rows)
         return tuple((s + r) * row_bytes + m

@@ -62,8 +62,9 @@ class RngSnapshot:
     @staticmethod
     def take() -> RngSnapshot:
         default = torch.get_default_device()
-        if not torch.cuda.is_available() or not (default.type in ("cuda", "meta")
-                                                 or torch.cuda.is_initialized()):
+        # A meta build takes the CUDA generator's state only where CUDA is in use already: taking
+        # it would initialise CUDA in every job on a GPU machine, CPU ones included.
+        if not torch.cuda.is_available() or not (default.type == "cuda" or torch.cuda.is_initialized()):
             return RngSnapshot(torch.get_rng_state())
         index = default.index if default.type == "cuda" and default.index is not None else (
             torch.cuda.current_device())
@@ -351,32 +352,38 @@ def _segment_mm_fake(x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("expert_parallel::segment_mm_backward", mutates_args=())
-def _segment_mm_backward_op(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor,
-                            counts_G: Tensor) -> tuple[Tensor, Tensor]:
+def _segment_mm_backward_op(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor, need_x: bool,
+                            need_w: bool) -> tuple[Tensor, Tensor]:
+    """The gradients of x and w (an empty tensor for one not needed: frozen experts skip the
+    weight-gradient GEMMs)."""
     if _one_group_per_expert(x_NI, w_eIO, counts_G):
         offs = torch.cumsum(counts_G, 0).to(torch.int32)
         g_NO = _as_row_major(g_NO)
-        return grouped_mm(g_NO, w_eIO.transpose(-2, -1), offs), grouped_mm(x_NI.t(), g_NO, offs)
-    segs = _op_segments(counts_G, w_eIO.shape[0])
-    grad_x, grad_w = _segment_backward(g_NO, x_NI, w_eIO, segs, True, True)
-    assert grad_x is not None and grad_w is not None
-    return grad_x, grad_w
+        grad_x = grouped_mm(g_NO, w_eIO.transpose(-2, -1), offs) if need_x else None
+        grad_w = grouped_mm(x_NI.t(), g_NO, offs) if need_w else None
+    else:
+        segs = _op_segments(counts_G, w_eIO.shape[0])
+        grad_x, grad_w = _segment_backward(g_NO, x_NI, w_eIO, segs, need_x, need_w)
+    return (x_NI.new_empty(0) if grad_x is None else grad_x,
+            w_eIO.new_empty(0) if grad_w is None else grad_w)
 
 
 @_segment_mm_backward_op.register_fake
-def _segment_mm_backward_fake(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor,
-                              counts_G: Tensor) -> tuple[Tensor, Tensor]:
-    return x_NI.new_empty(x_NI.shape), w_eIO.new_empty(w_eIO.shape)
+def _segment_mm_backward_fake(g_NO: Tensor, x_NI: Tensor, w_eIO: Tensor, counts_G: Tensor, need_x: bool,
+                              need_w: bool) -> tuple[Tensor, Tensor]:
+    return (x_NI.new_empty(x_NI.shape if need_x else (0,)),
+            w_eIO.new_empty(w_eIO.shape if need_w else (0,)))
 
 
 def _segment_mm_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _segment_mm_grad(ctx: Any, g_NO: Tensor) -> tuple[Tensor, Tensor, None]:
+def _segment_mm_grad(ctx: Any, g_NO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     x_NI, w_eIO, counts_G = ctx.saved_tensors
-    grad_x, grad_w = _segment_mm_backward_op(g_NO, x_NI, w_eIO, counts_G)
-    return grad_x, grad_w, None
+    need_x, need_w = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    grad_x, grad_w = _segment_mm_backward_op(g_NO, x_NI, w_eIO, counts_G, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None
 
 
 _segment_mm_op.register_autograd(_segment_mm_grad, setup_context=_segment_mm_setup)
