@@ -10,9 +10,8 @@ from .integrations.hf import (
     ExpertParallelBlock,
     expert_parallelize,
     from_pretrained,
-    hf_state_dict,
-    save_pretrained,
 )
+from .integrations.hf_export import hf_state_dict, save_pretrained
 
 
 def __getattr__(name: str) -> Any:

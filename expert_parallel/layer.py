@@ -278,8 +278,10 @@ class MoE(nn.Module):
         balance = seq = logits_GSE.new_zeros(())  # expert choice and soft need no balance loss
         if isinstance(self.router, TopKRouter):
             routed = self.router.route(logits_GSE)
+            # With peers the kept rows are sized at the exchange's one host read (a padded plan).
             plan = token_choice_plan(routed.indices, routed.gates, routed.probs,
-                                     capacity(cfg, S, self.training), cfg.drop_policy)
+                                     capacity(cfg, S, self.training), cfg.drop_policy,
+                                     pad_drops=self.ep_size > 1)
             balance = load_balance_loss(routed.indices, routed.probs)
             if logits_GSE.numel():
                 B = batch or 1

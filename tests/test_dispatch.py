@@ -94,7 +94,9 @@ def test_dedup_by_node_and_fan_out_oracle() -> None:
     rows = dedup_by_node(plan.token_N, plan.expert_N, T, experts_per_node, nodes)
     pairs = sorted({(e // experts_per_node, t) for t, e in zip(plan.token_N.tolist(), plan.expert_N.tolist(),
                                                                strict=True)})
-    assert rows.token_U.tolist() == [t for _, t in pairs]  # one row per (node, token), node-major
+    n_unique = int(rows.count_V.sum())
+    assert rows.token_U.shape[0] == plan.num_kept  # shape fixed by the copies, not by the data
+    assert rows.token_U[:n_unique].tolist() == [t for _, t in pairs]  # one row per (node, token), node-major
     assert rows.count_V.tolist() == [sum(v == node for v, _ in pairs) for node in range(nodes)]
     start = [0, int(rows.count_V[0])]
     for (row, expert), token in zip(rows.meta_N2.tolist(), plan.token_N.tolist(), strict=True):  # own row
@@ -107,9 +109,41 @@ def test_dedup_by_node_and_fan_out_oracle() -> None:
     fan = fan_out(torch.cat([meta, meta]), torch.tensor([int(node1.sum())] * 2), torch.tensor([n_rows] * 2))
     experts = torch.cat([meta, meta])[fan.order_H, 1]
     assert torch.all(experts[1:] >= experts[:-1])
-    recv_tokens = torch.cat([rows.token_U[start[1]:], rows.token_U[start[1]:]])
+    recv_tokens = torch.cat([rows.token_U[start[1]:n_unique], rows.token_U[start[1]:n_unique]])
     expected = torch.cat([plan.token_N[node1], plan.token_N[node1]])[fan.order_H]
     assert torch.equal(recv_tokens[fan.row_H], expected)
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("capacity", [1, 2, 3])
+def test_a_padded_plan_cut_to_its_kept_rows_is_the_plan(policy: str, capacity: int) -> None:
+    """pad_drops: every assignment, the kept ones first, shapes independent of the data; cut at
+    counts_E.sum() it equals the plan that drops with nonzero, field by field, and so does its
+    per-node deduplication (dropped copies count for no node)."""
+    from expert_parallel.ops.nodes import dedup_by_node
+    torch.manual_seed(capacity)
+    G, S, E, K = 2, 10, 4, 2
+    logits = torch.randn(G, S, E)
+    probs = logits.softmax(-1)
+    gates, idx = probs.topk(K, dim=-1)
+    plain = token_choice_plan(idx, gates, probs, capacity, policy)
+    padded = token_choice_plan(idx, gates, probs, capacity, policy, pad_drops=True)
+    assert padded.padded and padded.expert_N.shape[0] == G * S * K
+    with pytest.raises(ValueError, match="padded"):
+        _ = padded.num_kept
+    cut = padded.truncated(int(padded.counts_E.sum()))
+    for name in ("token_N", "expert_N", "group_N", "slot_N", "gate_N", "counts_E", "selected_E",
+                 "dropped_fraction"):
+        assert torch.equal(getattr(cut, name), getattr(plain, name)), name
+    assert plain.num_kept < G * S * K  # something was dropped
+    T, per_node, nodes = G * S, 2, 2
+    want = dedup_by_node(plain.token_N, plain.expert_N, T, per_node, nodes)
+    kept = torch.arange(G * S * K) < padded.counts_E.sum()
+    got = dedup_by_node(padded.token_N, padded.expert_N, T, per_node, nodes, kept)
+    n_unique = int(want.count_V.sum())
+    assert torch.equal(got.count_V, want.count_V)
+    assert torch.equal(got.token_U[:n_unique], want.token_U[:n_unique])
+    assert torch.equal(got.meta_N2[:plain.num_kept], want.meta_N2)
 
 
 def test_comm_report_link_classes() -> None:

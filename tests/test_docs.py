@@ -187,6 +187,8 @@ COMMANDS: dict[str, Run | Elsewhere | NotRun] = {
         Run("--steps 2 --eval-every 2 --no-plots --out runs/from_saved"),
     "deepspeed --num_gpus 2 examples/finetune_hf.py --steps 100":
         Elsewhere("tests/test_hf.py::test_finetune_example_under_the_deepspeed_launcher_matches_torchrun"),
+    "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 examples/export_memory.py --experts 64 "
+    "--layers 8": Elsewhere("tests/test_hf.py::test_streamed_save_keeps_each_rank_near_its_own_experts"),
     "python3.11 -m venv ../autoep-venv": NotRun("a second virtual environment (minutes of installs)"),
     '../autoep-venv/bin/pip install "torch==2.13.0"': NotRun("the second virtual environment"),
     '../autoep-venv/bin/pip install "deepspeed==0.19.8" "transformers==5.5.0" safetensors numpy tqdm':

@@ -293,3 +293,85 @@ def test_ignore_patterns_skip_only_tensors_the_model_does_not_have(tmp_path: Pat
     assert layer1
     for name, value in plain.state_dict().items():
         assert torch.equal(mine[name], value), name
+
+
+def test_streamed_save_keeps_each_rank_near_its_own_experts(tmp_path: Path) -> None:
+    """save_pretrained of a 64-expert × 8-layer Qwen3-MoE at EP 2 (examples/export_memory.py): the
+    peak host memory a save adds is at most 4 layers' experts on rank 0 (it gathers one block at a
+    time) and 1.5 on rank 1 (it sends its own rows: one layer's slice converted), where gathering
+    the whole model adds 14 layers per rank; plain transformers loads the directory, every tensor
+    equal to the model's (checked by the program)."""
+    out = torchrun(2, ROOT / "examples" / "export_memory.py", "--method", "stream",
+                   "--json", str(tmp_path / "memory.json"), timeout=300)
+    rows = {r["rank"]: r for r in json.loads((tmp_path / "memory.json").read_text())}
+    assert sorted(rows) == [0, 1], out[-3000:]
+    layers = {rank: r["extra_bytes"] / r["layer_bytes"] for rank, r in rows.items()}
+    assert layers[0] <= 4.0 and layers[1] <= 1.5, layers
+
+
+def test_streamed_save_writes_a_shard_per_block_that_safetensors_reads(tmp_path: Path) -> None:
+    """One process: replicated tensors and each block's experts in shards of their own, an index
+    naming every tensor once, each file read by safetensors' own reader equal to transformers'
+    save of the unmodified model; a save with fewer shards than the last leaves no stale one."""
+    from safetensors import safe_open
+
+    ref = tiny_model("qwen3_moe")
+    model = ep.hf.expert_parallelize(copy.deepcopy(ref))
+    ref.save_pretrained(tmp_path / "plain")
+    ep.hf.save_pretrained(model, tmp_path / "ours")
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    blocks = sum(isinstance(m, ep.hf.ExpertParallelBlock) for m in model.modules())
+    assert len(files) == 1 + blocks and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+
+    def read(directory: Path) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted(p.name for p in directory.glob("*.safetensors")):
+            with safe_open(str(directory / name), "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        return tensors
+
+    ours, plain = read(tmp_path / "ours"), read(tmp_path / "plain")
+    assert sorted(ours) == sorted(plain) == sorted(index["weight_map"])
+    for key, value in plain.items():
+        assert torch.equal(ours[key], value), key
+    ep.hf.save_pretrained(model, tmp_path / "ours", max_shard_size=1)  # a file per tensor
+    assert len(list((tmp_path / "ours").glob("*.safetensors"))) == len(plain)
+    ep.hf.save_pretrained(model, tmp_path / "ours")  # back to a file per block: no stale shard left
+    again = sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors"))
+    assert again == files and sorted(read(tmp_path / "ours")) == sorted(plain)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        ep.hf.save_pretrained(model, tmp_path / "bad", max_shard_size=0)
+
+
+def test_each_block_takes_its_logits_from_the_family_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's logits are not computed a second time (after the first call's bitwise check);
+    a router that returns probabilities instead (transformers 5.5) is detected and the logits are
+    computed again: both give the unmodified model's output."""
+    ref = tiny_model("qwen3_moe")
+    model = ep.hf.expert_parallelize(copy.deepcopy(ref))
+    blocks = [m for m in model.modules() if isinstance(m, ep.hf.ExpertParallelBlock)]
+    calls = []
+    original = ep.hf.ExpertParallelBlock._logits
+    def counted(self: ep.hf.ExpertParallelBlock, x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return original(self, x)
+
+    monkeypatch.setattr(ep.hf.ExpertParallelBlock, "_logits", counted)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits
+        for _ in range(3):
+            torch.testing.assert_close(model(idx).logits, want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == len(blocks) and all(b.router_gives_logits for b in blocks)
+
+    probs_model = ep.hf.expert_parallelize(copy.deepcopy(ref))
+    for block in (m for m in probs_model.modules() if isinstance(m, ep.hf.ExpertParallelBlock)):
+        router = block.family_router()
+        forward = router.forward
+        router.forward = lambda x, forward=forward: (forward(x)[0].float().softmax(-1), *forward(x)[1:])
+    calls.clear()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(probs_model(idx).logits, want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 3 * len(blocks)  # the first call's check, then once per call

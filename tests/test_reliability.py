@@ -82,6 +82,38 @@ def test_a_failed_rank_makes_the_others_exit_with_a_named_error(launcher: str, s
     assert leftovers() == [], "processes left running"
 
 
+def test_the_stall_reporter_ends_a_blocked_rank_naming_the_layer() -> None:
+    """What NCCL jobs run (started on gloo here, where the collective would otherwise raise at the
+    timeout): rank 1 hangs alive in step 3's dispatch; the reporter ends rank 0 at 0.9 × the 6 s
+    timeout, before the collective's own timeout, with status 1 and a line naming the layer, call,
+    phase and sizes; the job ends and leaves no process."""
+    start = time.monotonic()
+    out = run(launch("torchrun", "stall"), timeout=120, expect_failure=True)
+    wall = time.monotonic() - start
+    named = re.search(r"expert_parallel: rank 0: MoE call 3, dispatch \(sending rows \[\d+, \d+\], "
+                      r"receiving \[\d+, \d+\]\) has not finished after ([\d.]+) s \(the collective "
+                      r"timeout is 6 s\)", out)
+    assert named, out[-3000:]
+    assert 0.9 * TIMEOUT <= float(named.group(1)) < TIMEOUT, out[-3000:]
+    assert not re.search(r"FAILED [\d.]+s on rank", out), out[-3000:]  # the collective never raised
+    assert "exitcode  : 1" in out and wall < 60, (wall, out[-3000:])
+    time.sleep(1)
+    assert leftovers() == [], "processes left running"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_on_nccl_a_peer_that_exits_ends_the_job_naming_the_layer() -> None:
+    """Two GPUs, NCCL, a 20 s timeout: rank 1 exits inside step 3's dispatch; rank 0 blocks at its
+    next host read and is ended within the timeout with a line naming the layer and call."""
+    start = time.monotonic()
+    out = run(launch("torchrun", "nccl_exit"), timeout=180, expect_failure=True)
+    wall = time.monotonic() - start
+    assert re.search(r"expert_parallel: rank 0: MoE call [34], .* has not finished after [\d.]+ s", out), \
+        out[-3000:]
+    assert wall < 120, wall
+
+
 def test_nan_without_the_check_is_contained_and_with_it_names_the_layer() -> None:
     """Documented behaviour: a NaN token gets a NaN output, other tokens of the group stay finite
     (top-k, dropless); with configure_debug(check_finite=True) the layer raises with its name."""

@@ -9,27 +9,70 @@ import pytest
 import torch
 
 import expert_parallel as ep
-from expert_parallel.comm.distributed import LaunchEnv, default_backend, process_group_backend
 from tests.procs import torchrun
 from tests.workers.runtime import SCENARIOS, FactoryWatch
 
 
-@pytest.mark.parametrize(("launcher", "local_world", "gpus", "expected"), [
-    ("none", 1, 8, "gloo"),  # python script.py on a GPU box: the debug mode stays on gloo
-    ("none", 1, 0, "gloo"),
-    ("torchrun", 2, 2, "nccl"),
-    ("torchrun", 4, 2, "gloo"),  # fewer GPUs than local ranks
-    ("mpi", 8, 8, "nccl"),
-    ("deepspeed", 2, 0, "gloo"),
+class _ReachedInitError(Exception):
+    """Raised by the stand-in of init_process_group: what init_distributed did up to there is the
+    behaviour under test (a CPU machine cannot start NCCL)."""
+
+
+def _start_with(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], gpus: int,
+                backend: str | None = None) -> tuple[list[int], str | None]:
+    """Runs ep.init_distributed in this process as a rank with ``env`` (a launcher's variables) on
+    a machine that shows ``gpus`` CUDA devices; returns the devices it bound and the backend it
+    created the default group with (None if it raised before)."""
+    import torch.distributed as dist
+
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                 "CROSS_RANK", "LOCAL_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bound: list[int] = []
+    created: list[str] = []
+
+    def init_process_group(backend: str, *args: object, **kwargs: object) -> None:
+        created.append(backend)
+        raise _ReachedInitError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(_ReachedInitError):
+        ep.init_distributed(backend=backend)
+    return bound, created[0] if created else None
+
+
+def torchrun_env(local_rank: int, local_world: int) -> dict[str, str]:
+    return dict(TORCHELASTIC_RUN_ID="t", RANK=str(local_rank), WORLD_SIZE=str(local_world),
+                LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT="29999")
+
+
+@pytest.mark.parametrize(("gpus", "local_rank", "device"), [
+    (1, 3, 0),  # one GPU per task (SLURM --gpus-per-task=1, Kubernetes): each rank's own GPU 0
+    (4, 3, 3),  # every rank sees the node's GPUs: rank i takes GPU i
+    (2, 3, 1),  # fewer visible GPUs than local ranks: local_rank % count
 ])
-def test_default_backend(launcher: str, local_world: int, gpus: int, expected: str) -> None:
-    launch = LaunchEnv(launcher, 0, local_world, 0, local_world)
-    assert default_backend(launch, cuda_devices=gpus) == expected
+def test_a_rank_that_sees_a_gpu_binds_it_and_starts_nccl(monkeypatch: pytest.MonkeyPatch, gpus: int,
+                                                         local_rank: int, device: int) -> None:
+    bound, backend = _start_with(monkeypatch, torchrun_env(local_rank, 4), gpus)
+    assert bound == [device] and backend == "cpu:gloo,cuda:nccl"
 
 
-def test_nccl_groups_also_carry_gloo_for_cpu_tensors() -> None:
-    assert process_group_backend("nccl") == "cpu:gloo,cuda:nccl"
-    assert process_group_backend("gloo") == "gloo"
+def test_without_a_gpu_or_without_a_launcher_the_job_stays_on_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _start_with(monkeypatch, torchrun_env(1, 2), gpus=0) == ([], "gloo")
+    # python script.py on a GPU machine: the single-process debug mode stays on gloo
+    assert _start_with(monkeypatch, {}, gpus=8) == ([], "gloo")
+
+
+def test_nccl_asked_for_without_a_gpu_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="backend='gloo'"):
+        _start_with(monkeypatch, torchrun_env(0, 2), gpus=0, backend="nccl")
 
 
 def test_runtime_scenarios_on_two_gloo_ranks(tmp_path: Path) -> None:

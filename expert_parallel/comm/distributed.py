@@ -22,6 +22,8 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .watchdog import start_stall_reporter
+
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 # The collective timeout of the job (init_distributed's), for the groups made later (sub-groups of
 # the hierarchical exchange); the default for a process group adopted from elsewhere.
@@ -39,7 +41,7 @@ class DistContext:
 
     Attributes:
         rank / world_size / local_rank: from the launcher (0 / 1 / 0 without one).
-        device: this process's device (cuda:local_rank with NCCL, else cpu).
+        device: this process's device (cuda:(local_rank % visible GPUs) with NCCL, else cpu).
         ep_size / dp_size: expert-parallel and data-parallel sizes; world_size = dp_size * ep_size.
         ep_rank / dp_rank: coordinates in the (dp, ep) mesh.
         ep_group: the ranks that share one copy of the experts (consecutive ranks).
@@ -174,18 +176,36 @@ def _mpi_rendezvous(launch: LaunchEnv) -> tuple[str, int]:
     return host, int(port)
 
 
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def default_backend(launch: LaunchEnv, cuda_devices: int | None = None) -> str:
     """The backend a job gets when it asks for none.
 
     Without a launcher (``python script.py``, the single-process debug mode): gloo, whatever GPUs
-    the machine has. With a launcher: NCCL when every local rank can have its own CUDA device,
-    else gloo. ``cuda_devices`` defaults to the devices torch sees.
+    the machine has. With a launcher: NCCL whenever this rank sees a CUDA device (it takes
+    :func:`local_gpu`), else gloo. ``cuda_devices`` defaults to the devices torch sees.
     """
-    if cuda_devices is None:
-        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if launch.launcher != "none" and cuda_devices >= max(launch.local_world_size, 1):
-        return "nccl"
-    return "gloo"
+    cuda_devices = _visible_gpus() if cuda_devices is None else cuda_devices
+    return "nccl" if launch.launcher != "none" and cuda_devices > 0 else "gloo"
+
+
+def local_gpu(launch: LaunchEnv, cuda_devices: int | None = None) -> int:
+    """The CUDA device index this rank takes: ``local_rank % visible devices``.
+
+    Every rank sees every GPU of its node (torchrun's usual setup): rank i takes GPU i. Each rank
+    sees only its own (SLURM ``--gpus-per-task=1``, Kubernetes device plugins: ``device_count()`` is
+    1 while the node runs several ranks): every rank takes its GPU 0.
+
+    Raises:
+        ValueError: this rank sees no CUDA device.
+    """
+    cuda_devices = _visible_gpus() if cuda_devices is None else cuda_devices
+    if cuda_devices < 1:
+        raise ValueError("backend='nccl' needs a CUDA device, and this rank sees none "
+                         "(torch.cuda.device_count() is 0; check CUDA_VISIBLE_DEVICES): use backend='gloo'")
+    return launch.local_rank % cuda_devices
 
 
 def process_group_backend(backend: str) -> str:
@@ -206,13 +226,13 @@ def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedel
     if dist.is_initialized():
         adopted = "nccl" if "nccl" in str(dist.get_backend()) else str(dist.get_backend())
         if adopted == "nccl":
-            torch.cuda.set_device(launch.local_rank)  # object collectives use the current device
+            torch.cuda.set_device(local_gpu(launch))  # object collectives use the current device
         return adopted
     backend = backend or default_backend(launch)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend={backend!r} is invalid: expected 'gloo', 'nccl' or None (default)")
     if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(local_gpu(launch))
     pg_backend = process_group_backend(backend)
     if launch.launcher == "none":
         # Single-process debug mode: a world of one, so the same code paths (and collectives) run.
@@ -260,8 +280,10 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
     Args:
         ep_size: ranks per expert-parallel group; defaults to the world size. Must divide it.
         backend: "nccl" or "gloo". Default: gloo without a launcher (one process); under a
-            launcher NCCL when every local rank has its own CUDA device, else gloo. NCCL groups are
-            created as "cpu:gloo,cuda:nccl", so CPU tensors still work in their collectives.
+            launcher NCCL whenever the rank sees a CUDA device, else gloo. With NCCL the rank takes
+            GPU ``local_rank % torch.cuda.device_count()`` (its only one where each rank sees one).
+            NCCL groups are created as "cpu:gloo,cuda:nccl", so CPU tensors still work in their
+            collectives.
         timeout: collective timeout (timedelta or seconds); a lost peer becomes an error after it.
 
     Raises:
@@ -275,8 +297,10 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or world % ep:
         raise ValueError(f"ep_size={ep_size!r} is invalid: expected a positive divisor of the world "
                          f"size {world}")
+    if backend == "nccl":  # names the layer of a collective whose peer is gone (docs/reliability.md)
+        start_stall_reporter(_JOB_TIMEOUT[0].total_seconds(), rank)
     local_rank = launch.local_rank
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", local_gpu(launch)) if backend == "nccl" else torch.device("cpu")
     # NOTE: collective: device_mesh creates the dp and ep sub-groups on every rank.
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     return DistContext(
@@ -382,6 +406,35 @@ def all_gather_cat(x: Tensor, group: ProcessGroup) -> Tensor:
     parts = [x.new_empty((int(n.item()), *x.shape[1:])) for n in lengths]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
     return torch.cat(parts)
+
+
+def gather_rows_to(x: Tensor, group: dist.ProcessGroup | None, dst: int) -> Tensor | None:
+    """``x``'s rows from every rank of ``group`` concatenated in group order, on global rank ``dst``
+    only (None elsewhere). Every rank holds the same number of rows (E divides by the group size).
+    A collective over ``group``; ``dst`` must be in it."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x.detach()
+    x = x.detach().contiguous()
+    if dist.get_rank() != dst:
+        dist.send(x, dst=dst, group=group)  # NOTE: point-to-point
+        return None
+    # Received straight into the rows of the result: gloo's gather would receive into a flat buffer
+    # of its own and copy, a second copy of the block on the writing rank.
+    ranks = dist.get_process_group_ranks(group)
+    whole = x.new_empty((x.shape[0] * len(ranks), *x.shape[1:]))
+    parts = whole.chunk(len(ranks))
+    waits = [dist.irecv(part, src=src, group=group) for src, part in zip(ranks, parts, strict=True)
+             if src != dst]  # NOTE: point-to-point
+    parts[ranks.index(dst)].copy_(x)
+    for work in waits:
+        if work is not None:
+            work.wait()
+    return whole
+
+
+def in_group(group: dist.ProcessGroup | None, rank: int) -> bool:
+    """Whether global rank ``rank`` is in ``group`` (None: the whole job)."""
+    return group is None or rank in dist.get_process_group_ranks(group)
 
 
 def check_same_on_all_ranks(sections: dict[str, dict[str, Any]], group: ProcessGroup,

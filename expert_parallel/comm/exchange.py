@@ -37,6 +37,7 @@ from ..ops.dispatch import (
 from ..ops.nodes import dedup_by_node, fan_out
 from ..ops.plan import RoutingPlan
 from .distributed import job_timeout
+from .watchdog import in_flight
 
 T = TypeVar("T")
 
@@ -96,7 +97,8 @@ def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Ca
     monitored barrier still reaches every live rank and names the ones that do not answer.
     """
     try:
-        return fn()
+        with in_flight(f"{info.layer} call {info.call}, {phase} ({detail})"):
+            return fn()
     except RuntimeError as err:
         if isinstance(err, CollectiveError):
             raise
@@ -172,7 +174,9 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
     flag = torch.tensor([1 if problem else 0], device=device)
     guarded(info, f"{phase} split check", "agreement flag", group,  # NOTE: collective
             lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group), health)
-    if flag.item():
+    with in_flight(f"{info.layer} call {info.call}, {phase} split check (reading the flag)"):
+        disagree = flag.item()
+    if disagree:
         raise CollectiveError(f"{info.layer} call {info.call}, {phase}: "
                               f"{problem or 'a peer found mismatched split sizes or call order'}")
 
@@ -192,7 +196,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""
-        return self._exchange(gather_rows(x_TD, plan), plan, info or CallInfo())
+        return self._exchange(x_TD, plan, info or CallInfo())
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Sends the expert outputs back to the ranks of their tokens and combines them there."""
@@ -204,23 +208,27 @@ class AllToAllDispatcher:
         y_rows = all_to_all(y_nD, ex.send_rows, ex.recv_rows, self.group, ex.info, "combine", self.health)
         return combine_rows(y_rows, dispatched.plan, num_tokens)
 
-    def _exchange(self, rows_ND: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
+    def _exchange(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
         """Counts all-gather, then exactly the kept rows to their experts' ranks (variable splits)."""
-        R, e, D = self.R, self.e, rows_ND.shape[-1]
+        R, e, D = self.R, self.e, x_TD.shape[-1]
         # 1. Count exchange: every rank learns every rank's per-expert kept (and selected) counts.
         mine_2E = torch.cat([plan.counts_E, plan.selected_E])
         gathered = [torch.empty_like(mine_2E) for _ in range(R)]
         # NOTE: collective: all-gather of the [2E] counts over the expert-parallel group.
-        guarded(info, "count exchange", f"{plan.num_kept} rows to send", self.group,
+        guarded(info, "count exchange", f"{2 * plan.num_experts} counts", self.group,
                 lambda: dist.all_gather(gathered, mine_2E, group=self.group), self.health)
         counts_RE, selected_RE = torch.stack(gathered).split(plan.num_experts, dim=1)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        table = counts_RE.tolist()  # [R][E] kept rows
+        with in_flight(f"{info.layer} call {info.call}, count exchange (reading the counts)"):
+            table = counts_RE.tolist()  # [R][E] kept rows
         mine = slice(self.rank * e, (self.rank + 1) * e)
         send_rows = [sum(table[self.rank][q * e:(q + 1) * e]) for q in range(R)]
         recv_rows = [sum(row[mine]) for row in table]
-        # 2. Variable-size all-to-all of exactly the kept rows.
+        # 2. Variable-size all-to-all of exactly the kept rows (a padded plan cut to them: their
+        # number came with the table).
+        plan = plan.truncated(sum(send_rows))
+        rows_ND = gather_rows(x_TD, plan)
         recv = all_to_all(rows_ND, recv_rows, send_rows, self.group, info, "dispatch", self.health)
         # 3. The experts take the rows as received: one segment per source rank, expert-major inside.
         mode = "dropless" if plan.capacity is None else "capacity"
@@ -306,21 +314,29 @@ class HierarchicalDispatcher:
                              "mixes (use MoEConfig.exchange='flat')")
         info = info or CallInfo()
         E, e, P, V = plan.num_experts, self.e, self.P, self.V
-        rows = dedup_by_node(plan.token_N, plan.expert_N, x_TD.shape[0], e * P, V)
+        kept_N = None
+        if plan.padded:  # the kept copies are the first counts_E.sum(): compared on the device
+            kept_N = torch.arange(plan.expert_N.shape[0], device=x_TD.device) < plan.counts_E.sum()
+        rows = dedup_by_node(plan.token_N, plan.expert_N, x_TD.shape[0], e * P, V, kept_N)
         mine = torch.cat([plan.counts_E, plan.selected_E, rows.count_V])
         gathered = [torch.empty_like(mine) for _ in range(self.R)]
         # NOTE: collective: all-gather of the [2E + V] counts over the expert-parallel group.
-        guarded(info, "count exchange", f"{plan.num_kept} copies, {int(rows.token_U.shape[0])} node rows",
-                self.group, lambda: dist.all_gather(gathered, mine, group=self.group), self.health)
+        guarded(info, "count exchange", f"{2 * E + V} counts", self.group,
+                lambda: dist.all_gather(gathered, mine, group=self.group), self.health)
         table = torch.stack(gathered)  # [R, 2E + V]
         counts_RE, selected_RE, _ = table.split([E, E, V], dim=1)
-        # NOTE: host-device sync (split sizes are needed on the host); dedup_by_node's torch.unique
-        # is the other one on GPUs.
-        sizes = self._sizes(table.tolist(), E)
-        x_U = x_TD.index_select(0, rows.token_U)
+        # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
+        with in_flight(f"{info.layer} call {info.call}, count exchange (reading the counts)"):
+            host_table = table.tolist()
+        sizes = self._sizes(host_table, E)
+        # The copies and unique rows this rank sends, counted in the table: the prefixes that matter.
+        copies = sum(sizes["copies_send"])
+        plan = plan.truncated(copies)
+        token_U, meta_N2 = rows.token_U[:sum(sizes["node_send"])], rows.meta_N2[:copies]
+        x_U = x_TD.index_select(0, token_U)
         phase = "dispatch to other nodes"
         recv_U = all_to_all(x_U, sizes["node_recv"], sizes["node_send"], self.rail, info, phase, self.health)
-        meta_H2 = all_to_all(rows.meta_N2, sizes["copies_recv"], sizes["copies_send"], self.rail, info,
+        meta_H2 = all_to_all(meta_N2, sizes["copies_recv"], sizes["copies_send"], self.rail, info,
                              f"{phase} (copy metadata)", self.health)
         gate_H = all_to_all(plan.gate_N, sizes["copies_recv"], sizes["copies_send"], self.rail, info,
                             f"{phase} (gates)", self.health)
@@ -333,7 +349,7 @@ class HierarchicalDispatcher:
                           self.intra, info, "dispatch inside the node", self.health)
         counts_Re = counts_RE.view(V, P, E).sum(0)[:, self.rank * e:(self.rank + 1) * e]
         state = NodeExchangeState(sizes["intra_send"], sizes["intra_recv"], info, sizes["node_send"],
-                                  sizes["node_recv"], rows.token_U, fan.row_H, gate_H[fan.order_H])
+                                  sizes["node_recv"], token_U, fan.row_H, gate_H[fan.order_H])
         return Dispatched(recv, counts_Re, plan, counts_E_global=counts_RE.sum(0),
                           selected_E_global=selected_RE.sum(0), comm=self._report(plan, x_TD, sizes),
                           exchange=state, counts_host=sizes["counts_host"])

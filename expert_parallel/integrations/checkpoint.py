@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..comm.distributed import DistContext, copy_into_shard, full_tensor
+from ..comm.distributed import DistContext, copy_into_shard, full_tensor, gather_rows_to, in_group
 from ..comm.grads import expert_parameter_ids, unwrap
 from ..layer import MoE
 
@@ -259,19 +259,40 @@ def _moe_modules(model: nn.Module) -> dict[str, MoE]:
     return {f"{name}." if name else "": m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's single-device state dict: every MoE's experts gathered (a collective)."""
+def full_state_dict(model: nn.Module, to_rank: int | None = None) -> dict[str, Tensor]:
+    """The model's single-device state dict: every MoE's experts gathered (a collective).
+
+    ``to_rank=None``: every rank gets it; else only global rank ``to_rank`` (the experts are sent
+    to it one tensor at a time; the other ranks get ``{}`` and hold nothing more than their own).
+    """
     model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
     moes = _moe_modules(model)
-    state = {k: full_tensor(v).clone() for k, v in model.state_dict().items() if _owner(k, moes) is None}
+    keeps = to_rank is None or (dist.get_rank() if dist.is_initialized() else 0) == to_rank
+    state: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if _owner(key, moes) is None:
+            value = full_tensor(value)  # NOTE: collective for a DTensor
+            if keeps:
+                state[key] = value.clone()
     for prefix, moe in moes.items():
-        state.update({prefix + k: v for k, v in moe.full_state_dict().items()})
+        if to_rank is None:
+            state.update({prefix + k: v for k, v in moe.full_state_dict().items()})  # NOTE: collective
+            continue
+        for name, value in moe.state_dict().items():
+            value = full_tensor(value)  # NOTE: collective for a DTensor
+            if name.startswith("experts.") and in_group(moe.ep_group, to_rank):
+                whole = gather_rows_to(value, moe.ep_group, to_rank)  # NOTE: collective
+                if whole is not None:
+                    state[prefix + name] = whole.clone() if whole.data_ptr() == value.data_ptr() else whole
+            elif keeps and not name.startswith("experts."):
+                state[prefix + name] = value.clone()
     return state
 
 
 def export_single_device(model: nn.Module, path: str | Path, ctx: DistContext) -> None:
-    """Writes the single-device state dict to one file (torch.save, on rank 0, atomically)."""
-    state = full_state_dict(model)
+    """Writes the single-device state dict to one file (torch.save, on rank 0, atomically). Only
+    rank 0 gathers the experts (one tensor at a time); the other ranks send theirs."""
+    state = full_state_dict(model, to_rank=0)
     if ctx.rank == 0:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..comm.distributed import DistContext, full_tensor
+from ..comm.distributed import DistContext
 from ..config import MoEConfig
 from ..layer import MoE
 from ..ops.losses import MoEAux
@@ -212,6 +211,7 @@ class ExpertParallelBlock(nn.Module):
         self.score_func, self.returns_scores = family.score_func, family.returns_scores
         setattr(self, family.router, getattr(block, family.router))
         self.last_aux: MoEAux | None = None
+        self.router_gives_logits: bool | None = None  # decided at the first eager call
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         for name in family.shared:
             setattr(self, name, getattr(block, name))
@@ -278,17 +278,30 @@ class ExpertParallelBlock(nn.Module):
             hidden_states = hidden_states * noise
         flat_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         # The family's router still runs: transformers records its output for output_router_logits
-        # and the aux loss. Its first output is the logits in current transformers but the softmax
-        # probabilities in 5.5, so the logits are recomputed here, as the family computes them
-        # (DeepSeek and GLM in fp32): one more [T, D] x [D, E] product, small next to the experts.
+        # and the aux loss. Its (first) output is used as our logits when it is them.
         routed = self.family_router()(flat_TD)
-        y_BLD, aux = self.moe(hidden_states, router_logits=self._logits(flat_TD))
+        y_BLD, aux = self.moe(hidden_states, router_logits=self._router_logits(flat_TD, routed))
         # routing statistics of the last call (expert counts, MaxVio) for logging, off the graph
         self.last_aux = replace(aux, loss=aux.loss.detach(), load_balance_loss=aux.load_balance_loss.detach(),
                                 z_loss=aux.z_loss.detach(), router_entropy=aux.router_entropy.detach(),
                                 seq_balance_loss=aux.seq_balance_loss.detach())
         y_BLD = y_BLD + self._shared(hidden_states)
         return (y_BLD, routed[1]) if self.returns_scores else y_BLD
+
+    def _router_logits(self, x_TD: Tensor, routed: Any) -> Tensor:
+        """The router logits [T, E]: the family router's (first) output where it is exactly the
+        logits, as in transformers 5.25 (checked bitwise at the first eager call, a host read once
+        per block); else computed again (transformers 5.5's routers return softmax probabilities:
+        one more [T, D] x [D, E] product, small next to the experts)."""
+        first = routed if isinstance(routed, Tensor) else routed[0]
+        if self.router_gives_logits is None and not torch.compiler.is_compiling():
+            # Off the graph, so that this first call saves for the backward what the later ones
+            # (and activation checkpointing's recomputation of this one) save.
+            with torch.no_grad():
+                mine = self._logits(x_TD)
+            self.router_gives_logits = bool(isinstance(first, Tensor) and first.shape == mine.shape
+                                            and first.dtype == mine.dtype and torch.equal(first, mine))
+        return first if self.router_gives_logits else self._logits(x_TD)
 
     def _logits(self, x_TD: Tensor) -> Tensor:
         """The router logits [T, E] as the family computes them."""
@@ -513,42 +526,6 @@ class _SafetensorsDir:
         return {"gate_up_proj": torch.stack(gate_ups), "down_proj": torch.stack(downs)}
 
 
-def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The unmodified model's state dict (transformers' internal layout), every expert gathered; copies.
-
-    A collective over each block's expert-parallel group: every rank calls it, every rank gets it.
-    """
-    blocks = {f"{name}." if name else "": block for name, block in model.named_modules()
-              if isinstance(block, ExpertParallelBlock)}
-    ours = tuple(prefix + "moe." for prefix in blocks)
-    # A snapshot on the host (not views, nor a second copy of the model on the GPU); ep.fully_shard's
-    # shards gathered, one tensor at a time (NOTE: a collective for each).
-    state = {k: full_tensor(v).to("cpu", copy=True) for k, v in model.state_dict().items()
-             if not k.startswith(ours)}
-    for prefix, block in blocks.items():
-        full = block.moe.full_state_dict()  # NOTE: collective
-        experts = {k.removeprefix("experts."): v.cpu() for k, v in full.items() if k.startswith("experts.")}
-        for key, value in block.layout.to_hf(experts).items():  # the family's fused tensors
-            state[f"{prefix}experts.{key}"] = value
-    return state
-
-
-def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None = None,
-                    **kwargs: Any) -> None:
-    """Writes a directory that plain transformers loads (``AutoModelForCausalLM.from_pretrained``),
-    without expert_parallel installed: the experts gathered into the family's layout, DeepSeek's (and
-    GLM's) trained bias in ``e_score_correction_bias``. Every rank calls it; rank 0 writes.
-
-    ``kwargs`` go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``).
-    """
-    state = hf_state_dict(model)
-    leader = ctx is None or ctx.rank == 0
-    save: Any = model.save_pretrained
-    save(str(path), state_dict=state, is_main_process=leader, **kwargs)
-    if ctx is not None and ctx.world_size > 1:
-        dist.barrier()  # NOTE: collective: the directory is complete when any rank returns
-
-
 ONE_RANK_SAVE = ("save_pretrained of an expert-parallel model on one rank: this rank holds only its own "
                  "experts. Call ep.hf.save_pretrained(model, directory, ctx) on every rank (it gathers "
                  "the experts; rank 0 writes); under transformers.Trainer, pass "
@@ -570,11 +547,18 @@ def _is_spread(model: nn.Module) -> bool:
     return any(isinstance(m, ExpertParallelBlock) and m.moe.ep_size > 1 for m in model.modules())
 
 
-def keep_for_save(model: nn.Module, ctx: DistContext, keep: bool | None = None) -> None:
+def keep_for_save(model: nn.Module, ctx: DistContext, keep: bool | None = None,
+                  only_rank0: bool | None = None) -> None:
     """Gathers the model into transformers' layout now (a collective: every rank calls it) and keeps
     it where ``keep`` (default: on rank 0): the next ``model.save_pretrained`` there without a state
-    dict writes it while the parameters are unchanged (what Trainer's saves on one rank need)."""
-    state = hf_state_dict(model)
+    dict writes it while the parameters are unchanged (what Trainer's saves on one rank need).
+
+    ``only_rank0`` (default: ``keep`` not given): gathered onto rank 0 only, so the other ranks hold
+    nothing more; else every rank gathers it (saves on every node)."""
+    from .hf_export import hf_state_dict
+
+    only_rank0 = keep is None if only_rank0 is None else only_rank0
+    state = hf_state_dict(model, to_rank=0 if only_rank0 else None)
     _KEPT.pop(model, None)
     if (ctx.rank == 0) if keep is None else keep:
         _KEPT[model] = (state, _version_stamp(model))
@@ -613,6 +597,8 @@ def save_pretrained_in_hf_layout(self: nn.Module, save_directory: str | Path, *a
         elif _is_spread(self):
             raise RuntimeError(ONE_RANK_SAVE)
         else:
+            from .hf_export import hf_state_dict
+
             state_dict = hf_state_dict(self)  # one process: every expert is here
     save: Any = getattr(type(self), "save_pretrained")  # noqa: B009 (transformers' own, of the class)
     return save(self, save_directory, *args, state_dict=state_dict, **kwargs)
@@ -645,5 +631,4 @@ def load_local_experts(model: nn.Module, path: str | Path) -> None:
             block._adopt(files.experts(name, first, count, block.layout))
 
 
-__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "from_pretrained", "hf_state_dict",
-           "save_pretrained"]
+__all__ = ["FAMILIES", "ExpertParallelBlock", "expert_parallelize", "from_pretrained"]

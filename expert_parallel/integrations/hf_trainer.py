@@ -93,7 +93,8 @@ class ExpertParallelCallback(TrainerCallback):
         if args.load_best_model_at_end and state.best_model_checkpoint:
             # Trainer loaded the best checkpoint's replicated tensors (its expert keys are not ours)
             load_local_experts(model, state.best_model_checkpoint)
-        keep_for_save(model, self.ctx, keep=args.should_save)  # NOTE: collective: for trainer.save_model
+        keep_for_save(model, self.ctx, keep=args.should_save,  # NOTE: collective: for trainer.save_model
+                      only_rank0=not args.save_on_each_node)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                       **kwargs: Any) -> None:
@@ -125,7 +126,8 @@ class ExpertParallelCallback(TrainerCallback):
         if _anywhere(bool(control.should_save), self.ctx):
             control.should_save = True
             assert model is not None
-            keep_for_save(model, self.ctx, keep=args.should_save)  # NOTE: collective
+            keep_for_save(model, self.ctx, keep=args.should_save,  # NOTE: collective
+                          only_rank0=not args.save_on_each_node)
 
     def on_save(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         if optimizer is None or getattr(args, "save_only_model", False):

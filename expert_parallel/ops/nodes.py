@@ -27,11 +27,15 @@ from torch import Tensor
 class NodeRows:
     """One rank's routed copies deduplicated per destination node (source side).
 
+    Shapes do not depend on the data (no host read): the tensors have a row per copy, and only a
+    prefix is meaningful, whose length comes with the exchange's split sizes.
+
     Attributes:
         token_U: token of each unique (node, token) row, sorted by (node, token): the rows for node v
-            are one contiguous block, sent to the proxy on v.
+            are one contiguous block, sent to the proxy on v. The first ``count_V.sum()`` rows.
         count_V: int64 [V], unique rows per destination node.
-        meta_N2: int32 [N, 2] per kept copy in plan order: (row inside its node's block, expert).
+        meta_N2: int32 [N, 2] per copy in plan order: (row inside its node's block, expert). The
+            kept copies' rows (all, or a padded plan's first ``counts_E.sum()``).
     """
 
     token_U: Tensor
@@ -40,16 +44,29 @@ class NodeRows:
 
 
 def dedup_by_node(token_N: Tensor, expert_N: Tensor, num_tokens: int, experts_per_node: int,
-                  num_nodes: int) -> NodeRows:
-    """Deduplicates the plan's copies (sorted by expert, hence by node) into unique (node, token) rows."""
+                  num_nodes: int, kept_N: Tensor | None = None) -> NodeRows:
+    """Deduplicates the plan's copies (sorted by expert, hence by node) into unique (node, token) rows.
+
+    ``kept_N`` (bool, per copy): copies that are not kept (a padded plan's tail) count for no node.
+    ``torch.unique`` would do the same with an output shape that depends on the data (a host read
+    on GPUs); a sort and a first-of-its-key flag keep every shape fixed.
+    """
     node_N = torch.div(expert_N, experts_per_node, rounding_mode="floor")
-    key_U, row_N = torch.unique(node_N * num_tokens + token_N, sorted=True, return_inverse=True)
+    if kept_N is not None:  # dropped copies go to a node past the last: sorted last, counted nowhere
+        node_N = torch.where(kept_N, node_N, num_nodes)
+    key_sorted, order_N = torch.sort(node_N * num_tokens + token_N, stable=True)
+    first_N = torch.ones_like(key_sorted, dtype=torch.bool)
+    first_N[1:] = key_sorted[1:] != key_sorted[:-1]
+    unique_sorted = torch.cumsum(first_N, 0) - 1  # the unique row of each sorted copy
+    row_N = torch.empty_like(unique_sorted).scatter_(0, order_N, unique_sorted)
+    key_U = torch.zeros_like(key_sorted).scatter_(0, unique_sorted, key_sorted)  # duplicates agree
     node_U = torch.div(key_U, num_tokens, rounding_mode="floor")
+    node_sorted = torch.div(key_sorted, num_tokens, rounding_mode="floor")
     # index_add instead of bincount, which reads its maximum back to the host on GPUs
-    count_V = torch.zeros(num_nodes, dtype=torch.int64, device=node_U.device).index_add_(
-        0, node_U, torch.ones_like(node_U))
+    count_V = torch.zeros(num_nodes + 1, dtype=torch.int64, device=node_N.device).index_add_(
+        0, node_sorted, first_N.long())[:num_nodes]
     start_V = torch.cumsum(count_V, 0) - count_V
-    in_block_N = row_N - start_V[node_N]
+    in_block_N = row_N - start_V[node_N.clamp(max=num_nodes - 1)]
     meta_N2 = torch.stack([in_block_N, expert_N]).t().to(torch.int32)
     return NodeRows(key_U - node_U * num_tokens, count_V, meta_N2)
 

@@ -9,7 +9,7 @@ from one stable sort and a segment offset, O(N log N) in the routed copies N wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -49,6 +49,10 @@ class RoutingPlan:
             tokens taken by no expert / tokens (expert choice), 0 (soft).
         soft: the slot mixing weights of Soft MoE; None for the index-based routers, whose rows
             are copies of token_N weighted by gate_N (token_N and gate_N are empty for soft).
+        padded: the rows are every assignment, the kept ones first (in the order above) and the
+            dropped ones after them: the kept rows are the first ``counts_E.sum()``, a number on the
+            device. An expert-parallel exchange reads it with its split sizes (its one host read)
+            and calls :meth:`truncated`; sizing the kept rows here would be a second read.
     """
 
     num_experts: int
@@ -64,11 +68,26 @@ class RoutingPlan:
     selected_E: Tensor
     dropped_fraction: Tensor
     soft: SoftMix | None = None
+    padded: bool = False
 
     @property
     def num_kept(self) -> int:
-        """Rows of the plan: kept routed copies (token and expert choice) or slots (soft)."""
+        """Rows of the plan: kept routed copies (token and expert choice) or slots (soft).
+
+        Raises:
+            ValueError: the plan is padded (its kept rows are not counted on the host yet).
+        """
+        if self.padded:
+            raise ValueError("num_kept of a padded plan: truncate it to its kept rows first")
         return int(self.expert_N.shape[0])
+
+    def truncated(self, num_kept: int) -> RoutingPlan:
+        """A padded plan cut to its first ``num_kept`` rows (``counts_E.sum()``, read on the host)."""
+        if not self.padded:
+            return self
+        n = num_kept
+        return replace(self, token_N=self.token_N[:n], expert_N=self.expert_N[:n], group_N=self.group_N[:n],
+                       slot_N=self.slot_N[:n], gate_N=self.gate_N[:n], padded=False)
 
 
 def count_values(index_M: Tensor, size: int) -> Tensor:
@@ -118,13 +137,15 @@ def slot_positions(expert_M: Tensor, group_M: Tensor, num_experts: int,
 
 
 def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
-                      capacity: int | None, drop_policy: str) -> RoutingPlan:
+                      capacity: int | None, drop_policy: str, pad_drops: bool = False) -> RoutingPlan:
     """Plan for top-k routing: each token's K choices, slots by drop_policy, drops beyond C.
 
     Args:
         idx_GSK: chosen experts; gates_GSK: their gate weights; probs_GSE: router probabilities.
         capacity: C, or None for dropless.
         drop_policy: "position" or "probs".
+        pad_drops: with a capacity, keep the dropped assignments at the end of a padded plan
+            (shapes that do not depend on the data, no host read) instead of removing them.
     """
     G, S, K = idx_GSK.shape
     E = probs_GSE.shape[-1]
@@ -139,18 +160,27 @@ def token_choice_plan(idx_GSK: Tensor, gates_GSK: Tensor, probs_GSE: Tensor,
     order_M, slot_M = slot_positions(expert_M, group_M, E, G)
     sorted_M = flat_M[order_M]
     # 3. Keep what fits.  NOTE: host-device sync (one nonzero sizes the kept rows); the only one of
-    # the plan, and none in dropless mode.
-    if capacity is not None:
-        kept_N = torch.nonzero(slot_M < capacity).squeeze(1)
-        sorted_M, slot_M = sorted_M.index_select(0, kept_N), slot_M.index_select(0, kept_N)
-    expert_N = idx_GSK.reshape(-1)[sorted_M]
-    counts_E = count_values(expert_N, E)
+    # the plan, and none in dropless mode or with pad_drops.
+    padded = capacity is not None and pad_drops
+    if capacity is not None and pad_drops:
+        dropped_M = (slot_M >= capacity).to(torch.uint8)
+        kept_first = torch.sort(dropped_M, stable=True).indices  # kept rows first, order kept
+        sorted_M, slot_M = sorted_M[kept_first], slot_M[kept_first]
+        expert_N = idx_GSK.reshape(-1)[sorted_M]
+        counts_E = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(
+            0, expert_N, 1 - dropped_M[kept_first].long())
+    else:
+        if capacity is not None:
+            kept_N = torch.nonzero(slot_M < capacity).squeeze(1)
+            sorted_M, slot_M = sorted_M.index_select(0, kept_N), slot_M.index_select(0, kept_N)
+        expert_N = idx_GSK.reshape(-1)[sorted_M]
+        counts_E = count_values(expert_N, E)
     return RoutingPlan(
         num_experts=E, num_groups=G, tokens_per_group=S, capacity=capacity,
         token_N=sorted_M // K, expert_N=expert_N, group_N=sorted_M // (S * K), slot_N=slot_M,
         gate_N=gates_GSK.reshape(-1)[sorted_M], counts_E=counts_E,
         selected_E=count_values(idx_GSK.reshape(-1), E),
-        dropped_fraction=1.0 - counts_E.sum() / max(G * S * K, 1))
+        dropped_fraction=1.0 - counts_E.sum() / max(G * S * K, 1), padded=padded)
 
 
 def _full_slots(E: int, G: int, C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

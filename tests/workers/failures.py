@@ -10,6 +10,10 @@ Scenarios that every rank survives (each prints "OK <scenario>: <error>"):
 Scenarios where a rank fails (the survivors print "FAILED <seconds>: <error>" and exit 3):
   kill               rank 1 SIGKILLs itself inside the dispatch all-to-all of step 3
   hang               rank 1 sleeps (alive) inside the dispatch all-to-all of step 3
+  stall              as hang, with the stall reporter that NCCL jobs run (started here on gloo):
+                     rank 0 is ended at 0.9 × the timeout by the reporter, which names the layer
+  nccl_exit          (GPUs, NCCL, timeout 20 s) rank 1 exits inside the dispatch of step 3: rank 0
+                     blocks at its next host read and the reporter ends it naming the layer
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import torch
 
 import expert_parallel as ep
 import expert_parallel.comm.exchange as exchange
+from expert_parallel.comm.watchdog import start_stall_reporter
 
 TIMEOUT = 6.0  # seconds: the process-group timeout of this test
+NCCL_TIMEOUT = 20.0  # seconds: the nccl_exit scenario's (NCCL's own start-up takes seconds)
 D = 8
 
 
@@ -58,7 +64,10 @@ def plant_in_dispatch(rank: int, action) -> None:  # type: ignore[no-untyped-def
 
 def main() -> int:
     scenario = sys.argv[1]
-    ctx = ep.init_distributed(backend="gloo", timeout=TIMEOUT)
+    nccl = scenario == "nccl_exit"
+    ctx = ep.init_distributed(backend="nccl" if nccl else "gloo", timeout=NCCL_TIMEOUT if nccl else TIMEOUT)
+    if scenario == "stall":
+        start_stall_reporter(TIMEOUT, ctx.rank)
     r = ctx.rank
     x = torch.randn(2, 8, D)
     if scenario == "config_mismatch":
@@ -96,15 +105,18 @@ def fail_a_rank(ctx: ep.DistContext, scenario: str) -> int:
     """Rank 1 dies or hangs inside step 3's dispatch; the others must fail within the timeout."""
     if scenario == "kill":
         plant_in_dispatch(1, lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+    elif scenario == "nccl_exit":
+        plant_in_dispatch(1, lambda *_: os._exit(0))
     else:
         plant_in_dispatch(1, lambda *_: time.sleep(3600))
-    layer = moe(ctx)
+    layer = moe(ctx).to(ctx.device)
     start = None
     try:
         for step in range(1, 6):
             if step == 3:
                 start = time.monotonic()
-            y, aux = layer(torch.randn(2, 8, D))
+                print(f"STEP 3 at {time.time():.3f} on rank {ctx.rank}", flush=True)
+            y, aux = layer(torch.randn(2, 8, D, device=ctx.device))
             (y.sum() + aux.loss).backward()
     except exchange.CollectiveError as err:
         elapsed = time.monotonic() - (start or time.monotonic())

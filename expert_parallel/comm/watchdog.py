@@ -1,0 +1,86 @@
+"""A stalled collective on NCCL, named before the job ends.
+
+On gloo a collective whose peer is gone raises after the job's timeout, and
+:func:`~expert_parallel.comm.exchange.guarded` turns that into a ``CollectiveError`` naming the layer,
+call and phase. On NCCL collectives are asynchronous: the rank blocks later, at the next host read
+(the exchange's split sizes), and torch's NCCL watchdog ends the process at the timeout with a
+message about a sequence number, not a layer. So on NCCL jobs a daemon thread watches what the
+library is waiting on (:func:`in_flight` marks each collective and host read with its layer, call
+and phase) and, when one has not finished after ``fraction`` of the collective timeout, prints it and
+ends the process (exit status 1), which the launcher sees as a failed rank and stops the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+
+import torch
+
+STALL_FRACTION = 0.9
+"""The reporter ends a stalled rank at this fraction of the collective timeout (before NCCL's
+watchdog, which ends it at the timeout with less to say)."""
+
+# What this process waits on now: (description, since) of the outermost marked region, or None.
+_WAITING: list[tuple[str, float] | None] = [None]
+_REPORTER: list[threading.Thread] = []
+
+
+class _InFlight:
+    """Marks the outermost region: who waits on what, since when."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.outer: tuple[str, float] | None = None
+
+    def __enter__(self) -> None:
+        self.outer = _WAITING[0]
+        if self.outer is None:
+            _WAITING[0] = (self.what, time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        _WAITING[0] = self.outer
+
+
+def in_flight(what: str) -> contextlib.AbstractContextManager[None]:
+    """Marks a collective or host read that can block on a peer; nested regions keep the outer.
+    Nothing under torch.compile (a plain ``nullcontext`` there, which Dynamo traces without a
+    graph break; the exchange's collectives and reads run eagerly between graphs anyway)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _InFlight(what)
+
+
+def _watch(limit_s: float, timeout_s: float, rank: int, poll_s: float) -> None:
+    while True:
+        time.sleep(poll_s)
+        waiting = _WAITING[0]
+        if waiting is None:
+            continue
+        elapsed = time.monotonic() - waiting[1]
+        if elapsed >= limit_s:
+            sys.stderr.write(
+                f"expert_parallel: rank {rank}: {waiting[0]} has not finished after {elapsed:.1f} s "
+                f"(the collective timeout is {timeout_s:.0f} s): a peer of its group has exited or "
+                f"stopped. Ending this rank (exit status 1) so that the launcher stops the job.\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+
+
+def start_stall_reporter(timeout_s: float, rank: int, fraction: float = STALL_FRACTION) -> None:
+    """Starts the reporter thread (once per process): a region marked by :func:`in_flight` that lasts
+    ``fraction · timeout_s`` ends the process with a message naming it."""
+    if _REPORTER and _REPORTER[0].is_alive():
+        return
+    limit = fraction * timeout_s
+    thread = threading.Thread(target=_watch, args=(limit, timeout_s, rank, min(1.0, limit / 20)),
+                              name="expert_parallel-stall-reporter", daemon=True)
+    thread.start()
+    _REPORTER[:] = [thread]
+
+
+__all__ = ["STALL_FRACTION", "in_flight", "start_stall_reporter"]
