@@ -153,6 +153,19 @@ def test_bf16_expert_gemms_run_torchs_fused_grouped_kernel() -> None:
     assert not [c.name for e in grouped for c in e.cpu_children if c.name in ("aten::mm", "aten::matmul")]
 
 
+def test_two_ranks_on_one_gpu_with_nccl_fail_at_once_naming_the_fix(tmp_path: Path) -> None:
+    """torchrun with one more rank than GPUs and backend='nccl' (the default picks gloo there):
+    both ranks of a shared GPU stop in init_distributed with a ValueError naming backend='gloo',
+    instead of NCCL's "Duplicate GPU detected" at the first collective."""
+    n = torch.cuda.device_count() + 1
+    code = "import expert_parallel as ep; ep.init_distributed(backend='nccl')"
+    script = tmp_path / "two_on_one_gpu.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{code}\n")
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               str(script)], timeout=180, expect_failure=True)
+    assert "on one GPU" in out and "backend='gloo'" in out, out[-3000:]
+
+
 def test_cpu_and_cuda_tensors_reach_every_rank_of_an_nccl_job() -> None:
     """The job's NCCL groups also carry gloo: a CPU tensor and a CUDA tensor all-reduced over the
     default group and over the expert-parallel group (one rank per GPU, up to two)."""

@@ -26,7 +26,8 @@ def _start_with(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], gpus: int,
     import torch.distributed as dist
 
     for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                 "CROSS_RANK", "LOCAL_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+                 "CROSS_RANK", "LOCAL_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                 "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -53,19 +54,37 @@ def torchrun_env(local_rank: int, local_world: int) -> dict[str, str]:
                 MASTER_PORT="29999")
 
 
-@pytest.mark.parametrize(("gpus", "local_rank", "device"), [
-    (1, 3, 0),  # one GPU per task (SLURM --gpus-per-task=1, Kubernetes): each rank's own GPU 0
-    (4, 3, 3),  # every rank sees the node's GPUs: rank i takes GPU i
-    (2, 3, 1),  # fewer visible GPUs than local ranks: local_rank % count
+@pytest.mark.parametrize(("gpus", "visible", "local_rank", "device"), [
+    (1, "CUDA_VISIBLE_DEVICES=3", 3, 0),  # SLURM --gpus-per-task=1: each task's own GPU 0
+    (1, "NVIDIA_VISIBLE_DEVICES=GPU-5e1a", 2, 0),  # a Kubernetes device plugin's container
+    (4, "", 3, 3),  # every rank sees the node's GPUs: rank i takes GPU i
+    (8, "", 3, 3),
 ])
-def test_a_rank_that_sees_a_gpu_binds_it_and_starts_nccl(monkeypatch: pytest.MonkeyPatch, gpus: int,
-                                                         local_rank: int, device: int) -> None:
-    bound, backend = _start_with(monkeypatch, torchrun_env(local_rank, 4), gpus)
+def test_a_rank_with_a_gpu_of_its_own_binds_it_and_starts_nccl(monkeypatch: pytest.MonkeyPatch, gpus: int,
+                                                               visible: str, local_rank: int,
+                                                               device: int) -> None:
+    env = torchrun_env(local_rank, 4)
+    if visible:
+        name, value = visible.split("=")
+        env[name] = value
+    bound, backend = _start_with(monkeypatch, env, gpus)
     assert bound == [device] and backend == "cpu:gloo,cuda:nccl"
 
 
-def test_without_a_gpu_or_without_a_launcher_the_job_stays_on_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _start_with(monkeypatch, torchrun_env(1, 2), gpus=0) == ([], "gloo")
+@pytest.mark.parametrize(("gpus", "local_world"), [(1, 2), (2, 4), (0, 2)])
+def test_ranks_that_would_share_a_gpu_stay_on_gloo(monkeypatch: pytest.MonkeyPatch, gpus: int,
+                                                   local_world: int) -> None:
+    """torchrun --nproc-per-node 2 on a one-GPU machine (every rank sees the same GPUs, none has its
+    own), or no GPU at all: gloo, as before; backend='nccl' still binds local_rank % count (and then
+    the job's ranks compare their GPUs: two on one is a ValueError, tests/test_cuda.py)."""
+    assert _start_with(monkeypatch, torchrun_env(1, local_world), gpus) == ([], "gloo")
+    if gpus:
+        bound, backend = _start_with(monkeypatch, torchrun_env(local_world - 1, local_world), gpus,
+                                     backend="nccl")
+        assert bound == [(local_world - 1) % gpus] and backend == "cpu:gloo,cuda:nccl"
+
+
+def test_without_a_launcher_the_job_stays_on_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
     # python script.py on a GPU machine: the single-process debug mode stays on gloo
     assert _start_with(monkeypatch, {}, gpus=8) == ([], "gloo")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -180,15 +181,37 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def default_backend(launch: LaunchEnv, cuda_devices: int | None = None) -> str:
+_DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+
+
+def _given_one_gpu(env: dict[str, str]) -> bool:
+    """Whether the launcher gave this task one GPU of its own: a visible-device list of one entry
+    (SLURM's ``--gpus-per-task=1`` sets CUDA_VISIBLE_DEVICES per task, Kubernetes' device plugin
+    NVIDIA_VISIBLE_DEVICES per container)."""
+    for name in _DEVICE_LISTS:
+        value = env.get(name, "").strip()
+        if value and value.lower() not in ("all", "none", "void") and "," not in value:
+            return True
+    return False
+
+
+def default_backend(launch: LaunchEnv, cuda_devices: int | None = None,
+                    env: dict[str, str] | None = None) -> str:
     """The backend a job gets when it asks for none.
 
     Without a launcher (``python script.py``, the single-process debug mode): gloo, whatever GPUs
-    the machine has. With a launcher: NCCL whenever this rank sees a CUDA device (it takes
-    :func:`local_gpu`), else gloo. ``cuda_devices`` defaults to the devices torch sees.
+    the machine has. With a launcher: NCCL when every local rank can have a GPU of its own: the rank
+    sees at least as many GPUs as its node runs ranks, or its launcher gave it exactly one (a
+    one-entry CUDA_VISIBLE_DEVICES or NVIDIA_VISIBLE_DEVICES: one GPU per task); else gloo (e.g.
+    ``torchrun --nproc-per-node 2`` on a machine with one GPU, where NCCL would refuse two ranks on
+    one device). ``cuda_devices`` defaults to the devices torch sees, ``env`` to the environment.
     """
     cuda_devices = _visible_gpus() if cuda_devices is None else cuda_devices
-    return "nccl" if launch.launcher != "none" and cuda_devices > 0 else "gloo"
+    env = dict(os.environ) if env is None else env
+    if launch.launcher == "none" or cuda_devices < 1:
+        return "gloo"
+    own = cuda_devices >= launch.local_world_size or (cuda_devices == 1 and _given_one_gpu(env))
+    return "nccl" if own else "gloo"
 
 
 def local_gpu(launch: LaunchEnv, cuda_devices: int | None = None) -> int:
@@ -206,6 +229,25 @@ def local_gpu(launch: LaunchEnv, cuda_devices: int | None = None) -> int:
         raise ValueError("backend='nccl' needs a CUDA device, and this rank sees none "
                          "(torch.cuda.device_count() is 0; check CUDA_VISIBLE_DEVICES): use backend='gloo'")
     return launch.local_rank % cuda_devices
+
+
+def check_one_gpu_per_rank(device: torch.device) -> None:
+    """Raises ValueError on every rank when two ranks of the job hold the same GPU (NCCL would
+    refuse them later, with "Duplicate GPU detected" at the first collective). A collective: an
+    all-gather of a CPU tensor (the gloo side of the job's group)."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", device.index)
+    mine = torch.tensor([zlib.crc32(f"{socket.gethostname()}/{uuid}".encode())], dtype=torch.int64)
+    table = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(table, mine)  # NOTE: collective (gloo)
+    holders: dict[int, list[int]] = {}
+    for rank, ident in enumerate(table):
+        holders.setdefault(int(ident), []).append(rank)
+    shared = [ranks for ranks in holders.values() if len(ranks) > 1]
+    if shared:
+        raise ValueError(f"backend='nccl' with ranks {shared[0]} on one GPU ({device} of the same host): "
+                         f"NCCL needs a GPU per rank. Give each rank its own GPU (as many visible GPUs "
+                         f"as ranks per node, or one per task), run fewer ranks per node, or pass "
+                         f"backend='gloo' (--backend gloo in the programs)")
 
 
 def process_group_backend(backend: str) -> str:
@@ -269,7 +311,7 @@ def _elastic_store(launch: LaunchEnv, timeout: timedelta) -> dist.Store:
 
 
 def init_distributed(ep_size: int | None = None, backend: str | None = None,
-                     timeout: timedelta | float = DEFAULT_TIMEOUT) -> DistContext:
+                     timeout: timedelta | float | None = None) -> DistContext:
     """Initialises torch.distributed for expert parallelism and returns the :class:`DistContext`.
 
     Works under torchrun (one or several nodes), the DeepSpeed launcher, mpirun / mpiexec (ranks from
@@ -280,27 +322,35 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
     Args:
         ep_size: ranks per expert-parallel group; defaults to the world size. Must divide it.
         backend: "nccl" or "gloo". Default: gloo without a launcher (one process); under a
-            launcher NCCL whenever the rank sees a CUDA device, else gloo. With NCCL the rank takes
-            GPU ``local_rank % torch.cuda.device_count()`` (its only one where each rank sees one).
+            launcher NCCL when every local rank can have a GPU of its own (:func:`default_backend`),
+            else gloo. With NCCL the rank takes GPU ``local_rank % torch.cuda.device_count()`` (its
+            only one where each task sees one), and two ranks on one GPU are a ValueError at once.
             NCCL groups are created as "cpu:gloo,cuda:nccl", so CPU tensors still work in their
             collectives.
-        timeout: collective timeout (timedelta or seconds); a lost peer becomes an error after it.
+        timeout: collective timeout (timedelta or seconds; default 5 minutes); a lost peer becomes
+            an error after it. An adopted group keeps its own; the library's sub-groups and, on
+            NCCL, the stall reporter use the one given here (started only when one is given).
 
     Raises:
-        ValueError: ep_size is not a positive divisor of the world size.
+        ValueError: ep_size is not a positive divisor of the world size; two ranks on one GPU.
     """
     launch = launch_env()
-    _JOB_TIMEOUT[0] = _as_timedelta(timeout)
+    adopting = dist.is_initialized()
+    _JOB_TIMEOUT[0] = _as_timedelta(DEFAULT_TIMEOUT if timeout is None else timeout)
     backend = _init_default_group(launch, backend, _JOB_TIMEOUT[0])
     world, rank = dist.get_world_size(), dist.get_rank()
     ep = world if ep_size is None else ep_size
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or world % ep:
         raise ValueError(f"ep_size={ep_size!r} is invalid: expected a positive divisor of the world "
                          f"size {world}")
-    if backend == "nccl":  # names the layer of a collective whose peer is gone (docs/reliability.md)
-        start_stall_reporter(_JOB_TIMEOUT[0].total_seconds(), rank)
     local_rank = launch.local_rank
     device = torch.device("cuda", local_gpu(launch)) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl" and world > 1:
+        check_one_gpu_per_rank(device)
+    if backend == "nccl" and not (adopting and timeout is None):
+        # names the layer of a collective whose peer is gone (docs/reliability.md); an adopted
+        # group's own timeout is not known here, so the reporter waits for one to be given
+        start_stall_reporter(_JOB_TIMEOUT[0].total_seconds(), rank)
     # NOTE: collective: device_mesh creates the dp and ep sub-groups on every rank.
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     return DistContext(

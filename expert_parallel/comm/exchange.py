@@ -37,7 +37,7 @@ from ..ops.dispatch import (
 from ..ops.nodes import dedup_by_node, fan_out
 from ..ops.plan import RoutingPlan
 from .distributed import job_timeout
-from .watchdog import in_flight
+from .watchdog import in_flight, read_on_host
 
 T = TypeVar("T")
 
@@ -174,9 +174,7 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
     flag = torch.tensor([1 if problem else 0], device=device)
     guarded(info, f"{phase} split check", "agreement flag", group,  # NOTE: collective
             lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group), health)
-    with in_flight(f"{info.layer} call {info.call}, {phase} split check (reading the flag)"):
-        disagree = flag.item()
-    if disagree:
+    if read_on_host(flag, f"{info.layer} call {info.call}, {phase} split check (reading the flag)")[0]:
         raise CollectiveError(f"{info.layer} call {info.call}, {phase}: "
                               f"{problem or 'a peer found mismatched split sizes or call order'}")
 
@@ -220,8 +218,7 @@ class AllToAllDispatcher:
         counts_RE, selected_RE = torch.stack(gathered).split(plan.num_experts, dim=1)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        with in_flight(f"{info.layer} call {info.call}, count exchange (reading the counts)"):
-            table = counts_RE.tolist()  # [R][E] kept rows
+        table = read_on_host(counts_RE, f"{info.layer} call {info.call}, count exchange (reading the counts)")
         mine = slice(self.rank * e, (self.rank + 1) * e)
         send_rows = [sum(table[self.rank][q * e:(q + 1) * e]) for q in range(R)]
         recv_rows = [sum(row[mine]) for row in table]
@@ -326,8 +323,8 @@ class HierarchicalDispatcher:
         table = torch.stack(gathered)  # [R, 2E + V]
         counts_RE, selected_RE, _ = table.split([E, E, V], dim=1)
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        with in_flight(f"{info.layer} call {info.call}, count exchange (reading the counts)"):
-            host_table = table.tolist()
+        host_table = read_on_host(table, f"{info.layer} call {info.call}, count exchange "
+                                         "(reading the counts)")
         sizes = self._sizes(host_table, E)
         # The copies and unique rows this rank sends, counted in the table: the prefixes that matter.
         copies = sum(sizes["copies_send"])

@@ -17,8 +17,10 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 import torch
+from torch import Tensor
 
 STALL_FRACTION = 0.9
 """The reporter ends a stalled rank at this fraction of the collective timeout (before NCCL's
@@ -54,33 +56,50 @@ def in_flight(what: str) -> contextlib.AbstractContextManager[None]:
     return _InFlight(what)
 
 
-def _watch(limit_s: float, timeout_s: float, rank: int, poll_s: float) -> None:
+def read_on_host(tensor: Tensor, what: str) -> Any:
+    """``tensor.tolist()`` inside :func:`in_flight` (``what`` names the read), eagerly also in a
+    compiled model: the read breaks the graph anyway, and this way its mark is set there too."""
+    return _read_marked(tensor, what)
+
+
+@torch.compiler.disable
+def _read_marked(tensor: Tensor, what: str) -> Any:
+    with _InFlight(what):
+        return tensor.tolist()
+
+
+# The reporter's settings: the stall limit and the collective timeout (seconds) and this rank.
+_SETTINGS: dict[str, float] = {}
+
+
+def _watch() -> None:
     while True:
-        time.sleep(poll_s)
+        time.sleep(min(1.0, _SETTINGS["limit"] / 20))
         waiting = _WAITING[0]
         if waiting is None:
             continue
         elapsed = time.monotonic() - waiting[1]
-        if elapsed >= limit_s:
+        if elapsed >= _SETTINGS["limit"]:
             sys.stderr.write(
-                f"expert_parallel: rank {rank}: {waiting[0]} has not finished after {elapsed:.1f} s "
-                f"(the collective timeout is {timeout_s:.0f} s): a peer of its group has exited or "
-                f"stopped. Ending this rank (exit status 1) so that the launcher stops the job.\n")
+                f"expert_parallel: rank {int(_SETTINGS['rank'])}: {waiting[0]} has not finished after "
+                f"{elapsed:.1f} s (the collective timeout is {_SETTINGS['timeout']:.0f} s): a peer of its "
+                f"group has exited or stopped. Ending this rank (exit status 1) so that the launcher "
+                f"stops the job.\n")
             sys.stderr.flush()
             sys.stdout.flush()
             os._exit(1)
 
 
 def start_stall_reporter(timeout_s: float, rank: int, fraction: float = STALL_FRACTION) -> None:
-    """Starts the reporter thread (once per process): a region marked by :func:`in_flight` that lasts
-    ``fraction · timeout_s`` ends the process with a message naming it."""
+    """Starts the reporter thread (once per process; a later call sets its limit and rank): a
+    region marked by :func:`in_flight` that lasts ``fraction · timeout_s`` ends the process with a
+    message naming it."""
+    _SETTINGS.update(limit=fraction * timeout_s, timeout=timeout_s, rank=rank)
     if _REPORTER and _REPORTER[0].is_alive():
         return
-    limit = fraction * timeout_s
-    thread = threading.Thread(target=_watch, args=(limit, timeout_s, rank, min(1.0, limit / 20)),
-                              name="expert_parallel-stall-reporter", daemon=True)
+    thread = threading.Thread(target=_watch, name="expert_parallel-stall-reporter", daemon=True)
     thread.start()
     _REPORTER[:] = [thread]
 
 
-__all__ = ["STALL_FRACTION", "in_flight", "start_stall_reporter"]
+__all__ = ["STALL_FRACTION", "in_flight", "read_on_host", "start_stall_reporter"]

@@ -282,7 +282,7 @@ def full_state_dict(model: nn.Module, to_rank: int | None = None) -> dict[str, T
             value = full_tensor(value)  # NOTE: collective for a DTensor
             if name.startswith("experts.") and in_group(moe.ep_group, to_rank):
                 whole = gather_rows_to(value, moe.ep_group, to_rank)  # NOTE: collective
-                if whole is not None:
+                if whole is not None and keeps:
                     state[prefix + name] = whole.clone() if whole.data_ptr() == value.data_ptr() else whole
             elif keeps and not name.startswith("experts."):
                 state[prefix + name] = value.clone()

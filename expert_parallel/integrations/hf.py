@@ -294,7 +294,8 @@ class ExpertParallelBlock(nn.Module):
         per block); else computed again (transformers 5.5's routers return softmax probabilities:
         one more [T, D] x [D, E] product, small next to the experts)."""
         first = routed if isinstance(routed, Tensor) else routed[0]
-        if self.router_gives_logits is None and not torch.compiler.is_compiling():
+        if (self.router_gives_logits is None and not torch.compiler.is_compiling()
+                and isinstance(first, Tensor) and first.numel() > 0):  # an empty batch proves nothing
             # Off the graph, so that this first call saves for the backward what the later ones
             # (and activation checkpointing's recomputation of this one) save.
             with torch.no_grad():

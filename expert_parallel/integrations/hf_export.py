@@ -50,9 +50,14 @@ def hf_state_chunks(model: nn.Module, to_rank: int | None = None) -> Iterator[di
     ours = tuple(prefix + "moe." for prefix in blocks)
     me = dist.get_rank() if dist.is_initialized() else 0
     keeps = to_rank is None or me == to_rank
-    # NOTE: collective for each DTensor (ep.fully_shard's shards are gathered one at a time)
-    rest = {k: full_tensor(v) for k, v in model.state_dict().items() if not k.startswith(ours)}
-    yield rest if keeps else {}
+    rest: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith(ours):
+            value = full_tensor(value)  # NOTE: collective for a DTensor (ep.fully_shard's shards)
+            if keeps:  # the others drop what they gathered at once
+                rest[key] = value
+    yield rest
+    del rest
     for prefix, block in blocks.items():
         moe = block.moe
         if to_rank is None:
@@ -69,9 +74,10 @@ def hf_state_chunks(model: nn.Module, to_rank: int | None = None) -> Iterator[di
             converted = block.layout.to_hf(local)
             for key in list(converted):
                 whole = gather_rows_to(converted.pop(key), moe.ep_group, to_rank)  # NOTE: collective
-                if whole is not None:
+                if whole is not None and keeps:  # (without a group every rank has them: one keeps)
                     gathered[f"{prefix}experts.{key}"] = whole
         yield gathered
+        del local, gathered
 
 
 def hf_state_dict(model: nn.Module, to_rank: int | None = None) -> dict[str, Tensor]:
@@ -213,12 +219,15 @@ def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None 
     if not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"max_shard_size={max_shard_size!r} is invalid: expected a positive size "
                          "(bytes, or a string such as '5GB')")
-    leader = ctx is None or ctx.rank == 0
+    # Without a ctx in a job of several processes, the default group's ranks (rank 0 writes).
+    world = ctx.world_size if ctx is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    rank = ctx.rank if ctx is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    leader = rank == 0
     directory = Path(path)
     writer = _ShardWriter(directory, max_bytes) if leader else None
     if writer is not None:
         directory.mkdir(parents=True, exist_ok=True)
-    spread = ctx is not None and ctx.world_size > 1
+    spread = world > 1
     for i, chunk in enumerate(hf_state_chunks(model, to_rank=0 if spread else None)):
         if writer is not None and chunk:
             writer.add(_to_checkpoint_names(model, chunk, first=i == 0))

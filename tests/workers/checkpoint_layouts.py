@@ -104,7 +104,7 @@ def main() -> int:
         torch.testing.assert_close(global_logits(imported, ctx), reference["logits"], rtol=1e-5, atol=1e-5)
     if ctx.rank == 0:
         print(f"OK {args.phase} with {ctx.world_size} ranks, ep_size {ctx.ep_size}", flush=True)
-    torch.distributed.destroy_process_group()
+    ep.shutdown(ctx)  # ends a launched process at once (docs/reliability.md, "Ending a job")
     return 0
 
 

@@ -378,7 +378,7 @@ def main() -> int:
     if ctx.rank == 0:
         done = len(args.cases) + len(extra) + 1
         print(f"ALL OK {done} under {ctx.launcher} with {ctx.world_size} ranks", flush=True)
-    torch.distributed.destroy_process_group()
+    ep.shutdown(ctx)  # ends a launched process at once (docs/reliability.md, "Ending a job")
     return 0
 
 

@@ -97,7 +97,7 @@ def main() -> int:
         expect(FloatingPointError, scenario, lambda: layer(x))
     else:
         return fail_a_rank(ctx, scenario)
-    torch.distributed.destroy_process_group()
+    ep.shutdown(ctx)  # ends a launched process at once (docs/reliability.md, "Ending a job")
     return 0
 
 

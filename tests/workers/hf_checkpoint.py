@@ -81,7 +81,7 @@ def main() -> int:
             print(f"ok {args.mode} {family}", flush=True)
     if ctx.rank == 0:
         print(f"ALL OK {args.mode} with {ctx.world_size} ranks, ep_size {ctx.ep_size}", flush=True)
-    torch.distributed.destroy_process_group()
+    ep.shutdown(ctx)  # ends a launched process at once (docs/reliability.md, "Ending a job")
     return 0
 
 

@@ -203,7 +203,7 @@ def main() -> int:
     for name in names:
         SCENARIOS[name](ctx, tmp)
         say(name)
-    dist.destroy_process_group()
+    ep.shutdown(ctx)  # ends a launched process at once (docs/reliability.md, "Ending a job")
     return 0
 
 
