@@ -101,6 +101,36 @@ def test_the_stall_reporter_ends_a_blocked_rank_naming_the_layer() -> None:
     assert leftovers() == [], "processes left running"
 
 
+def test_stall_marks_are_per_thread_nested_marks_keep_the_outer_and_all_are_cleared() -> None:
+    """Two threads in marked regions at once, leaving in the other order, and a nested region:
+    the reporter sees each thread's outermost mark and nothing once all have left (a single slot
+    restored on exit would leave the first thread's mark behind and end a healthy rank later)."""
+    import threading
+
+    from expert_parallel.comm import watchdog
+
+    entered, leave_first, left_first = threading.Event(), threading.Event(), threading.Event()
+
+    def other() -> None:
+        with watchdog.in_flight("other thread"):
+            entered.set()
+            leave_first.wait(10)
+        left_first.set()
+
+    with watchdog.in_flight("main thread"):
+        with watchdog.in_flight("nested"):
+            thread = threading.Thread(target=other)
+            thread.start()
+            assert entered.wait(10)
+            assert sorted(what for what, _ in watchdog._WAITING.values()) == ["main thread", "other thread"]
+        assert sorted(what for what, _ in watchdog._WAITING.values()) == ["main thread", "other thread"]
+        leave_first.set()
+        assert left_first.wait(10)
+        assert [what for what, _ in watchdog._WAITING.values()] == ["main thread"]
+    thread.join(10)
+    assert watchdog._WAITING == {}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_on_nccl_a_peer_that_exits_ends_the_job_naming_the_layer() -> None:

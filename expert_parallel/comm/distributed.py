@@ -467,6 +467,8 @@ def gather_rows_to(x: Tensor, group: dist.ProcessGroup | None, dst: int) -> Tens
     x = x.detach().contiguous()
     if dist.get_rank() != dst:
         dist.send(x, dst=dst, group=group)  # NOTE: point-to-point
+        if x.is_cuda:  # NCCL's send returns at once: one tensor in flight, not the whole model's
+            torch.cuda.current_stream(x.device).synchronize()
         return None
     # Received straight into the rows of the result: gloo's gather would receive into a flat buffer
     # of its own and copy, a second copy of the block on the writing rank.

@@ -26,8 +26,9 @@ STALL_FRACTION = 0.9
 """The reporter ends a stalled rank at this fraction of the collective timeout (before NCCL's
 watchdog, which ends it at the timeout with less to say)."""
 
-# What this process waits on now: (description, since) of the outermost marked region, or None.
-_WAITING: list[tuple[str, float] | None] = [None]
+# What this process waits on now: (description, since) of each thread's outermost marked region
+# (autograd runs a CUDA backward, and its collectives, on a thread of its own).
+_WAITING: dict[int, tuple[str, float]] = {}
 _REPORTER: list[threading.Thread] = []
 
 
@@ -39,12 +40,14 @@ class _InFlight:
         self.outer: tuple[str, float] | None = None
 
     def __enter__(self) -> None:
-        self.outer = _WAITING[0]
+        self.thread = threading.get_ident()
+        self.outer = _WAITING.get(self.thread)
         if self.outer is None:
-            _WAITING[0] = (self.what, time.monotonic())
+            _WAITING[self.thread] = (self.what, time.monotonic())
 
     def __exit__(self, *exc: object) -> None:
-        _WAITING[0] = self.outer
+        if self.outer is None:
+            _WAITING.pop(self.thread, None)
 
 
 def in_flight(what: str) -> contextlib.AbstractContextManager[None]:
@@ -75,9 +78,10 @@ _SETTINGS: dict[str, float] = {}
 def _watch() -> None:
     while True:
         time.sleep(min(1.0, _SETTINGS["limit"] / 20))
-        waiting = _WAITING[0]
-        if waiting is None:
+        marks = list(_WAITING.values())  # a copy: the threads change it meanwhile
+        if not marks:
             continue
+        waiting = min(marks, key=lambda mark: mark[1])  # the longest wait
         elapsed = time.monotonic() - waiting[1]
         if elapsed >= _SETTINGS["limit"]:
             sys.stderr.write(
