@@ -19,8 +19,11 @@ from .comm.distributed import (
     check_same_on_all_ranks,
     fingerprint,
     full_tensor,
+    gather_rows_to,
     group_ranks_per_node,
     group_size_and_rank,
+    in_group,
+    receives,
     unsharded,
 )
 from .comm.exchange import AllToAllDispatcher, HierarchicalDispatcher, guarded, health_group
@@ -386,18 +389,26 @@ class MoE(nn.Module):
                                      f"(on this rank or a peer of its expert-parallel group)")
 
     # ---- checkpoints in the single-device layout ----
-    def full_state_dict(self) -> dict[str, Tensor]:
+    def full_state_dict(self, to_rank: int | None = None) -> dict[str, Tensor]:
         """The single-device state dict (all E experts), gathered over the expert-parallel group.
 
-        Every rank of the group must call it (it is a collective) and every rank gets the result.
+        Every rank of the job must call it (it is a collective). ``to_rank=None``: every rank gets
+        the result (all-gathers); else only global rank ``to_rank`` does: the experts are sent to it
+        one tensor at a time, the other ranks get ``{}`` and hold nothing more than their own.
         """
+        keeps = receives(to_rank)
         full: dict[str, Tensor] = {}
         for name, value in self.state_dict().items():
             value = full_tensor(value)  # NOTE: collective for a DTensor (ep.fully_shard's shards)
-            if name.startswith("experts.") and self.ep_group is not None:
-                full[name] = all_gather_cat(value, self.ep_group)
-            else:
-                full[name] = value.clone()
+            if not name.startswith("experts."):
+                if keeps:
+                    full[name] = value.clone()
+            elif to_rank is None:  # NOTE: collective
+                full[name] = value.clone() if self.ep_group is None else all_gather_cat(value, self.ep_group)
+            elif in_group(self.ep_group, to_rank):  # ranks of the other replicas have nothing to send
+                whole = gather_rows_to(value, self.ep_group, to_rank)  # NOTE: collective
+                if whole is not None and keeps:
+                    full[name] = whole.clone() if whole.data_ptr() == value.data_ptr() else whole
         return full
 
     def load_full_state_dict(self, full_sd: dict[str, Tensor]) -> None:

@@ -18,7 +18,7 @@ from typing import NoReturn
 import torch
 
 from .. import __version__
-from ..comm.distributed import default_backend, launch_env
+from ..comm.distributed import default_backend, launch_env, visible_gpus
 from ..comm.shutdown import shutdown
 from . import bench, compare, compose_bench, demo, finetune_hf, plan_cluster, scaling
 from . import train as train_lm
@@ -34,7 +34,7 @@ def _version(module: str) -> str:
 def info() -> str:
     """Launcher, backend, devices and versions, for bug reports (starts no process group)."""
     launch = launch_env()
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = visible_gpus()
     return "\n".join([
         f"expert_parallel {__version__}",
         f"launcher {launch.launcher} (rank {launch.rank} of {launch.world_size}, local rank "

@@ -177,7 +177,8 @@ def _mpi_rendezvous(launch: LaunchEnv) -> tuple[str, int]:
     return host, int(port)
 
 
-def _visible_gpus() -> int:
+def visible_gpus() -> int:
+    """The CUDA devices this process sees (0 without CUDA)."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -206,7 +207,7 @@ def default_backend(launch: LaunchEnv, cuda_devices: int | None = None,
     ``torchrun --nproc-per-node 2`` on a machine with one GPU, where NCCL would refuse two ranks on
     one device). ``cuda_devices`` defaults to the devices torch sees, ``env`` to the environment.
     """
-    cuda_devices = _visible_gpus() if cuda_devices is None else cuda_devices
+    cuda_devices = visible_gpus() if cuda_devices is None else cuda_devices
     env = dict(os.environ) if env is None else env
     if launch.launcher == "none" or cuda_devices < 1:
         return "gloo"
@@ -224,7 +225,7 @@ def local_gpu(launch: LaunchEnv, cuda_devices: int | None = None) -> int:
     Raises:
         ValueError: this rank sees no CUDA device.
     """
-    cuda_devices = _visible_gpus() if cuda_devices is None else cuda_devices
+    cuda_devices = visible_gpus() if cuda_devices is None else cuda_devices
     if cuda_devices < 1:
         raise ValueError("backend='nccl' needs a CUDA device, and this rank sees none "
                          "(torch.cuda.device_count() is 0; check CUDA_VISIBLE_DEVICES): use backend='gloo'")
@@ -487,6 +488,12 @@ def gather_rows_to(x: Tensor, group: dist.ProcessGroup | None, dst: int) -> Tens
 def in_group(group: dist.ProcessGroup | None, rank: int) -> bool:
     """Whether global rank ``rank`` is in ``group`` (None: the whole job)."""
     return group is None or rank in dist.get_process_group_ranks(group)
+
+
+def receives(to_rank: int | None) -> bool:
+    """Whether this process gets what is gathered ``to_rank`` (None: every rank; else that global
+    rank; rank 0 without a process group)."""
+    return to_rank is None or (dist.get_rank() if dist.is_initialized() else 0) == to_rank
 
 
 def check_same_on_all_ranks(sections: dict[str, dict[str, Any]], group: ProcessGroup,

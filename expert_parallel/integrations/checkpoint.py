@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..comm.distributed import DistContext, copy_into_shard, full_tensor, gather_rows_to, in_group
+from ..comm.distributed import DistContext, copy_into_shard, full_tensor, receives
 from ..comm.grads import expert_parameter_ids, unwrap
 from ..layer import MoE
 
@@ -267,7 +267,7 @@ def full_state_dict(model: nn.Module, to_rank: int | None = None) -> dict[str, T
     """
     model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
     moes = _moe_modules(model)
-    keeps = to_rank is None or (dist.get_rank() if dist.is_initialized() else 0) == to_rank
+    keeps = receives(to_rank)
     state: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if _owner(key, moes) is None:
@@ -275,17 +275,7 @@ def full_state_dict(model: nn.Module, to_rank: int | None = None) -> dict[str, T
             if keeps:
                 state[key] = value.clone()
     for prefix, moe in moes.items():
-        if to_rank is None:
-            state.update({prefix + k: v for k, v in moe.full_state_dict().items()})  # NOTE: collective
-            continue
-        for name, value in moe.state_dict().items():
-            value = full_tensor(value)  # NOTE: collective for a DTensor
-            if name.startswith("experts.") and in_group(moe.ep_group, to_rank):
-                whole = gather_rows_to(value, moe.ep_group, to_rank)  # NOTE: collective
-                if whole is not None and keeps:
-                    state[prefix + name] = whole.clone() if whole.data_ptr() == value.data_ptr() else whole
-            elif keeps and not name.startswith("experts."):
-                state[prefix + name] = value.clone()
+        state.update({prefix + k: v for k, v in moe.full_state_dict(to_rank).items()})  # NOTE: collective
     return state
 
 

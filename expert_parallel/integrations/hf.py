@@ -300,8 +300,8 @@ class ExpertParallelBlock(nn.Module):
             # (and activation checkpointing's recomputation of this one) save.
             with torch.no_grad():
                 mine = self._logits(x_TD)
-            self.router_gives_logits = bool(isinstance(first, Tensor) and first.shape == mine.shape
-                                            and first.dtype == mine.dtype and torch.equal(first, mine))
+            self.router_gives_logits = (first.shape == mine.shape and first.dtype == mine.dtype
+                                        and torch.equal(first, mine))
         return first if self.router_gives_logits else self._logits(x_TD)
 
     def _logits(self, x_TD: Tensor) -> Tensor:

@@ -2,8 +2,9 @@
 
 The model is gathered one piece at a time and only onto the rank that writes: first the replicated
 tensors (attention, embeddings, routers, shared experts: every rank already holds them), then each
-MoE block's experts, gathered with ``dist.gather`` over its expert-parallel group and written to
-their own safetensors file before the next block is gathered. The writing rank holds at most one
+MoE block's experts, each rank's rows converted to the family's layout on that rank and sent
+point-to-point to the writing rank (``gather_rows_to``), written to their own safetensors file
+before the next block is gathered. The writing rank holds at most one
 block's experts beyond its own model (plus one shard of replicated tensors on the host when the
 model is on a GPU); the other ranks hold nothing beyond their own experts.
 """
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..comm.distributed import DistContext, full_tensor, gather_rows_to, in_group
+from ..comm.distributed import DistContext, full_tensor, gather_rows_to, in_group, receives
 from .hf import ExpertParallelBlock
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -48,8 +49,7 @@ def hf_state_chunks(model: nn.Module, to_rank: int | None = None) -> Iterator[di
     """
     blocks = _blocks(model)
     ours = tuple(prefix + "moe." for prefix in blocks)
-    me = dist.get_rank() if dist.is_initialized() else 0
-    keeps = to_rank is None or me == to_rank
+    keeps = receives(to_rank)
     rest: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if not key.startswith(ours):
