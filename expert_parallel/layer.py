@@ -141,9 +141,11 @@ class MoE(nn.Module):
         local = cfg.num_experts // self.ep_size
         # The generators' states before anything is drawn: reset_parameters() draws it all again.
         self.init_rng = RngSnapshot.take()
-        self.router = make_router(cfg)
-        # One draw from the global CPU generator; expert i is initialised from (base_seed, i).
+        # One draw from the global CPU generator; expert i is initialised from (base_seed, i). Drawn
+        # before the router, whose draws come from the default device's generator: the experts are
+        # then the same whether the layer is built on the CPU or under torch.device("cuda").
         base_seed = draw_base_seed()
+        self.router = make_router(cfg)
         self.experts = GroupedExperts(cfg, base_seed, num_local=local, first=self.ep_rank * local)
         # Always-on shared experts (replicated like the router): keys shared_experts.w_in/w_gate/w_out.
         self.shared_experts = (FeedForward(cfg.d_model, cfg.shared_width, cfg.activation, bias=cfg.bias,
@@ -194,7 +196,7 @@ class MoE(nn.Module):
         """Initialises every parameter and buffer in place (e.g. after ``to_empty`` of a model built
         on the meta device) to exactly what a direct build after the same ``torch.manual_seed``
         gives on this device, at any expert-parallel size: the generators' states of the
-        construction are restored for the duration, and the router, the expert base seed, the
+        construction are restored for the duration, and the expert base seed, the router, the
         experts and the shared experts are drawn again in the constructor's order. The expert bias
         and the counts restart from zero. Then the replicas are checked (a collective over the
         expert-parallel group)."""
@@ -203,8 +205,8 @@ class MoE(nn.Module):
             raise ValueError("MoE.reset_parameters: the parameters are on the meta device; move the "
                              "model first (model.to_empty(device=...))")
         with self.init_rng.restored(device), unsharded(self):
-            self.router.reset_parameters()
             self.base_seed = draw_base_seed()
+            self.router.reset_parameters()
             self.experts.reset_parameters(self.base_seed)
             if self.shared_experts is not None:
                 self.shared_experts.reset_parameters()

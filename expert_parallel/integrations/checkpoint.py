@@ -57,7 +57,14 @@ def _expert_view(t: Tensor, ctx: DistContext, write_backs: WriteBacks) -> DTenso
     and a write-back copies what a load fills in back into this rank's shard.
     """
     if not isinstance(t, DTensor):
-        return _shard(t, ctx)  # shares the tensor's storage: a load fills it in place
+        if t.device.type == ctx.mesh.device_type:
+            return _shard(t, ctx)  # shares the tensor's storage: a load fills it in place
+        # A model on a GPU in a gloo job (a CPU mesh): a DTensor's local tensor must be on its
+        # mesh's device, or DCP loads into a copy and the parameter keeps its old values. A copy
+        # on the mesh's device is saved and loaded, and a write-back fills the tensor.
+        local = t.to(ctx.mesh.device_type)
+        write_backs.append(lambda: t.copy_(local))
+        return _shard(local, ctx)
     full = t.full_tensor()  # NOTE: collective over the dp replicas
     write_backs.append(lambda: copy_into_shard(t, full))
     return _shard(full, ctx)

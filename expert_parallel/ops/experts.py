@@ -188,6 +188,7 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # compiled code takes the answer, not the probe, into its graph
 def fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch runs its fused grouped-GEMM kernel here: CUDA, bf16, compute capability 9.0
     (Hopper) or 10.x (Blackwell). Elsewhere torch's grouped_mm falls back to copying the offsets to
@@ -389,9 +390,23 @@ def _segment_mm_grad(ctx: Any, g_NO: Tensor) -> tuple[Tensor | None, Tensor | No
 _segment_mm_op.register_autograd(_segment_mm_grad, setup_context=_segment_mm_setup)
 
 
+class _RowMajorGrad(torch.autograd.Function):
+    """Identity whose backward hands on a row-major gradient: torch's CUDA grouped_mm backward
+    rejects the [0, 0] strides of an expanded gradient (a rank whose experts received no rows)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return _as_row_major(g)
+
+
 def _native_grouped_mm(x_NI: Tensor, w_eIO: Tensor, offs_e: Tensor) -> Tensor:
     """torch's grouped_mm with its own autograd (CUDA)."""
-    return grouped_mm(x_NI, w_eIO, offs_e)
+    y: Tensor = _RowMajorGrad.apply(grouped_mm(x_NI, w_eIO, offs_e))
+    return y
 
 
 class _CPUGroupedMM(torch.autograd.Function):
@@ -502,17 +517,17 @@ class GroupedExperts(nn.Module):
     def _run(self, x_ND: Tensor, counts_Re: Tensor, w: dict[str, Tensor],
              counts_host: list[int] | None) -> Tensor:
         """The expert MLP on the fastest path this device and dtype have."""
-        if torch.compiler.is_compiling():
-            counts_G = counts_Re.reshape(-1)
-            expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
-            return ffn(x_ND, w, self.activation, mm=lambda a, b: _segment_mm_op(a, b, counts_G),
-                       add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
-        if _can_use_grouped_mm(x_ND, self.d_model, self.d_ff):
+        if _can_use_grouped_mm(x_ND, self.d_model, self.d_ff):  # device offsets: eager and compiled
             if counts_Re.shape[0] == 1:
                 return self._grouped_mm(x_ND, counts_Re[0], w, _native_grouped_mm)
             order = segment_order(counts_Re, x_ND.shape[0])  # grouped_mm needs expert-major groups
             y_ND = self._grouped_mm(x_ND.index_select(0, order), counts_Re.sum(0), w, _native_grouped_mm)
             return y_ND.new_empty(y_ND.shape).index_copy(0, order, y_ND)
+        if torch.compiler.is_compiling():
+            counts_G = counts_Re.reshape(-1)
+            expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
+            return ffn(x_ND, w, self.activation, mm=lambda a, b: _segment_mm_op(a, b, counts_G),
+                       add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
         if counts_Re.shape[0] == 1 and _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff):
             return self._grouped_mm(x_ND, counts_Re[0], w, _CPUGroupedMM.apply)
         segs = segments(counts_Re, counts_host)
