@@ -21,14 +21,17 @@ def lm(router: str, **moe_overrides: object) -> LanguageModel:
 
 @pytest.mark.parametrize("router", ["topk", "expert_choice", "soft"])
 def test_model_is_causal(router: str) -> None:
-    """Changing tokens from position t on never changes the logits before t."""
+    """Changing tokens from position t on never changes the logits before t, up to fp32 rounding:
+    later tokens change how many rows each expert's GEMM has, and a CPU GEMM's row results depend on
+    its row count (1–3 rows take another kernel than 40), so bitwise equality is not a property of
+    dropless routing. A leak of future tokens moves logits by orders of magnitude more."""
     model = lm(router).eval()
     idx = torch.randint(0, 256, (3, 12))
     logits, _ = model(idx)
     for t in (1, 5, 11):
         changed = idx.clone()
         changed[:, t:] = torch.randint(0, 256, (3, 12 - t))
-        torch.testing.assert_close(model(changed)[0][:, :t], logits[:, :t], rtol=0, atol=0)
+        torch.testing.assert_close(model(changed)[0][:, :t], logits[:, :t], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "soft"])
