@@ -257,10 +257,14 @@ class MoE(nn.Module):
                 logits_GSE = router_logits.to(self.cfg.router_dtype).reshape(-1, S, router_logits.shape[-1])
         if self.check_finite:
             self._check_finite(x_TD, logits_GSE, info)
+        rows_TD = x_TD.to(compute_dtype(x_TD))  # a no-op without autocast
         with record_function("moe/plan"):
-            plan, aux = self._route(logits_GSE, B)
+            # One process pads a capacity plan where the expert GEMMs take device offsets: no
+            # host read sizes the kept rows (docs/architecture.md, "Host syncs").
+            pad = self.ep_size > 1 or self.experts.takes_device_offsets(rows_TD)
+            plan, aux = self._route(logits_GSE, B, pad_drops=pad)
         with record_function("moe/dispatch"):
-            dispatched = self.dispatcher.dispatch(x_TD.to(compute_dtype(x_TD)), plan, info)
+            dispatched = self.dispatcher.dispatch(rows_TD, plan, info)
         with record_function("moe/experts"):
             y_nD = self.experts(dispatched.x_nD, dispatched.counts_Re, dispatched.counts_host)
         with record_function("moe/combine"):
@@ -272,11 +276,13 @@ class MoE(nn.Module):
                       max_violation=max_violation(dispatched.selected_E_global))
         return self._reduced_under_ddp(self.dropout(y_TD.reshape(B, L, D)), ddp_sync), aux
 
-    def _route(self, logits_GSE: Tensor, batch: int | None = None) -> tuple[RoutingPlan, MoEAux]:
+    def _route(self, logits_GSE: Tensor, batch: int | None = None,
+               pad_drops: bool | None = None) -> tuple[RoutingPlan, MoEAux]:
         """The routing plan and the aux losses from the router logits ([G, S, E·P] for soft).
 
         ``batch``: B, the sequences of the G·S tokens, for the sequence-wise balance loss (None: one
-        sequence).
+        sequence). ``pad_drops``: a capacity plan keeps its dropped assignments after the kept ones
+        (:attr:`RoutingPlan.padded`); default: under expert parallelism.
         """
         cfg = self.cfg
         S = logits_GSE.shape[1]
@@ -286,7 +292,7 @@ class MoE(nn.Module):
             # With peers the kept rows are sized at the exchange's one host read (a padded plan).
             plan = token_choice_plan(routed.indices, routed.gates, routed.probs,
                                      capacity(cfg, S, self.training), cfg.drop_policy,
-                                     pad_drops=self.ep_size > 1)
+                                     pad_drops=self.ep_size > 1 if pad_drops is None else pad_drops)
             balance = load_balance_loss(routed.indices, routed.probs)
             if logits_GSE.numel():
                 B = batch or 1

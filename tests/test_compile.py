@@ -112,8 +112,10 @@ def test_compile_with_activation_checkpointing_equals_eager() -> None:
         assert torch.equal(a.router.expert_load, b.router.expert_load)
 
 
-CASES = ["topk_k2_capacity_drops", "topk_k2_dropless", "expert_choice", "soft", "noisy_topk_eval",
-         "deepseek_v3_dropless_uneven", "capacity_last_rank_idle", "topk_k1_dropless_swiglu_bias"]
+# Every router, DeepSeek-V3's routing and a rank whose experts receive nothing (each case compiles
+# afresh, ~11 s: the eager EP tests cover the rest of ep_equivalence.py's cases).
+CASES = ["topk_k2_capacity_drops", "topk_k2_dropless", "expert_choice", "soft",
+         "deepseek_v3_dropless_uneven", "capacity_last_rank_idle"]
 
 
 @pytest.mark.parametrize("world, ep_size, extra", [
@@ -150,10 +152,10 @@ def test_no_recompilation_from_call_to_call(capacity_factor: float | None) -> No
 
 # Graph breaks of one layer's forward (tests/workers/graph_breaks.py); docs/training.md lists them.
 GRAPH_BREAKS = {
-    "one process/topk_capacity": 5, "one process/topk_dropless": 0, "one process/expert_choice": 0,
+    "one process/topk_capacity": 0, "one process/topk_dropless": 0, "one process/expert_choice": 0,
     "one process/soft": 0,
-    "flat/topk_capacity": 3, "flat/topk_dropless": 3, "flat/expert_choice": 6, "flat/soft": 3,
-    "hierarchical/topk_capacity": 3, "hierarchical/topk_dropless": 3, "hierarchical/expert_choice": 6,
+    "flat/topk_capacity": 3, "flat/topk_dropless": 3, "flat/expert_choice": 5, "flat/soft": 3,
+    "hierarchical/topk_capacity": 3, "hierarchical/topk_dropless": 3, "hierarchical/expert_choice": 5,
 }
 
 

@@ -259,11 +259,12 @@ def test_compositions_on_nccl_equal_the_reference() -> None:
     assert "ALL OK 5 with 2 ranks, ep_size 2" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("overrides", [dict(capacity_factor=None), dict(router="expert_choice"),
-                                       dict(router="soft")])
+@pytest.mark.parametrize("overrides", [dict(capacity_factor=None), dict(capacity_factor=0.75),
+                                       dict(capacity_factor=1.0, bias=True, activation="swiglu"),
+                                       dict(router="expert_choice"), dict(router="soft")])
 def test_one_process_bf16_forward_and_backward_never_sync(overrides: dict) -> None:
-    """Where the fused grouped_mm takes device offsets, one process has no host sync at all in the
-    routers without a capacity mask: torch.cuda.set_sync_debug_mode("error") raises on any."""
+    """Where the fused grouped_mm takes device offsets, one process has no host sync at all, with a
+    capacity too (a padded plan): torch.cuda.set_sync_debug_mode("error") raises on any."""
     if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
         pytest.skip("no fused grouped_mm on this GPU (the segment loop reads the counts)")
     cfg = dict(d_model=64, d_ff=128, num_experts=8, top_k=2, dtype=torch.bfloat16, **overrides)

@@ -46,6 +46,29 @@ def test_matches_oracle(name: str) -> None:
     assert_matches_oracle(moe, x, training)
 
 
+@pytest.mark.parametrize("name", ["k2_position_drops", "relu_bias_probs", "swiglu_groups"])
+def test_undefined_dropped_rows_reach_no_output_or_gradient(name: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process pads a capacity plan (no host read sizes the kept rows): the grouped GEMM skips the
+    dropped rows past its last offset and leaves their outputs and input gradients undefined. Made
+    NaN here, they still reach nothing: the output and every gradient equal the oracle's."""
+    from expert_parallel.ops import experts as experts_module
+
+    original, poisoned = experts_module.grouped_mm, []
+
+    def nan_past_the_offsets(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        y = original(x, w, offs)
+        if w.dim() == 3 and int(offs[-1]) < y.shape[0]:
+            y[int(offs[-1]):] = float("nan")
+            poisoned.append(y.shape)
+        return y
+
+    monkeypatch.setattr(experts_module, "grouped_mm", nan_past_the_offsets)
+    overrides, (B, L), training = CASES[name]
+    assert_matches_oracle(build(overrides), torch.randn(B, L, BASE["d_model"]), training)
+    assert len(poisoned) >= 4, poisoned  # the padded path ran with dropped rows, forward and backward
+
+
 def test_cases_exercise_drops() -> None:
     """The drop cases above really drop something (else they would test nothing)."""
     for name in ("switch_k1_drops", "k2_position_drops", "k2_probs_drops", "k3_drops"):

@@ -63,7 +63,11 @@ def _expert_view(t: Tensor, ctx: DistContext, write_backs: WriteBacks) -> DTenso
         # mesh's device, or DCP loads into a copy and the parameter keeps its old values. A copy
         # on the mesh's device is saved and loaded, and a write-back fills the tensor.
         local = t.to(ctx.mesh.device_type)
-        write_backs.append(lambda: t.copy_(local))
+
+        def write_back() -> None:
+            t.copy_(local)
+
+        write_backs.append(write_back)
         return _shard(local, ctx)
     full = t.full_tensor()  # NOTE: collective over the dp replicas
     write_backs.append(lambda: copy_into_shard(t, full))

@@ -137,6 +137,9 @@ class Dispatched:
         exchange: the split sizes of the exchange (None when nothing was exchanged).
         counts_host: counts_Re flattened on the host, where the dispatcher already copied them
             (the experts' segment loop then needs no device-to-host copy of its own).
+        target_N: one process with a padded plan: the token each row's output goes to, and T
+            (a row past the tokens, discarded) for the dropped rows, which the experts leave
+            undefined; None otherwise.
     """
 
     x_nD: Tensor
@@ -147,6 +150,7 @@ class Dispatched:
     comm: CommReport
     exchange: ExchangeState | None = None
     counts_host: list[int] | None = None
+    target_N: Tensor | None = None
 
 
 class Dispatcher(Protocol):
@@ -276,20 +280,56 @@ class _WeightedIndexAdd(torch.autograd.Function):
         return grad_rows, grad_gate, None, None
 
 
+class _GatherPadded(torch.autograd.Function):
+    """rows_ND = x_TD[token_N] for a padded plan; the backward adds each row's gradient into
+    ``target_N``'s row of a [T + 1, D] buffer and drops row T: the dropped rows' gradients, which
+    the grouped GEMM leaves undefined, never reach x."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, token_N: Tensor, target_N: Tensor) -> Tensor:
+        ctx.save_for_backward(target_N)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_ND: Tensor) -> tuple[Tensor, None, None]:
+        (target_N,) = ctx.saved_tensors
+        grad_TD = g_ND.new_zeros((ctx.num_tokens + 1, g_ND.shape[-1])).index_add_(0, target_N, g_ND)
+        return grad_TD[:ctx.num_tokens], None, None
+
+
 class LocalDispatcher:
-    """Every expert on this device (expert-parallel size 1): gather, run, combine."""
+    """Every expert on this device (expert-parallel size 1): gather, run, combine.
+
+    A padded plan (capacity-bounded routing where the expert GEMMs take device offsets) runs all
+    its rows, the kept ones first: the grouped GEMM computes the first ``counts_E.sum()`` rows
+    only, and the dropped rows' outputs and input gradients go to a discarded row T. Nothing is
+    read on the host.
+    """
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Rows of x for all E experts, sorted by expert."""
-        rows_ND = gather_rows(x_TD, plan)
+        target_N = None
+        if plan.padded:
+            rows = torch.arange(plan.token_N.shape[0], device=x_TD.device)
+            target_N = torch.where(rows < plan.counts_E.sum(), plan.token_N, x_TD.shape[0])
+            rows_ND = _GatherPadded.apply(x_TD, plan.token_N, target_N)
+        else:
+            rows_ND = gather_rows(x_TD, plan)
         report = CommReport("local", (rows_ND.shape[0],), (rows_ND.shape[0],), rows_ND.shape[-1],
                             rows_ND.element_size())
         return Dispatched(rows_ND, plan.counts_E[None], plan, counts_E_global=plan.counts_E, comm=report,
-                          selected_E_global=plan.selected_E)
+                          selected_E_global=plan.selected_E, target_N=target_N)
 
     def combine(self, y_nD: Tensor, dispatched: Dispatched, num_tokens: int) -> Tensor:
         """Weighted sum of the expert outputs into their tokens."""
-        return combine_rows(y_nD, dispatched.plan, num_tokens)
+        target_N = dispatched.target_N
+        if target_N is None:
+            return combine_rows(y_nD, dispatched.plan, num_tokens)
+        # a dropped row's gate is 0 and its output (undefined) lands in the discarded row T
+        gate_N = torch.where(target_N < num_tokens, dispatched.plan.gate_N, 0)
+        return weighted_sum_rows(y_nD, gate_N, target_N, num_tokens + 1)[:num_tokens]
 
 
 __all__ = ["CallInfo", "Dispatched", "Dispatcher", "ExchangeState", "LocalDispatcher", "combine_rows",

@@ -206,12 +206,16 @@ def _can_use_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     return x_ND.is_cuda and _aligned(x_ND, d_model, d_ff) and fused_grouped_mm(x_ND.device, x_ND.dtype)
 
 
+@torch.compiler.assume_constant_result  # compiled code takes the answer, not the probe, into its graph
+def _cpu_grouped_mm_runs(dtype: torch.dtype) -> bool:
+    return grouped_mm_works(torch.device("cpu"), dtype)
+
+
 def _can_use_cpu_grouped_mm(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
     # Expert-major rows (one segment) only: grouped_mm has no out= to write several segments' groups
     # into one buffer. Strides must be row-major and multiples of 16 bytes.
     return (x_ND.device.type == "cpu" and x_ND.dtype in (torch.float32, torch.bfloat16)
-            and _row_major(x_ND) and _aligned(x_ND, d_model, d_ff)
-            and grouped_mm_works(x_ND.device, x_ND.dtype))
+            and _row_major(x_ND) and _aligned(x_ND, d_model, d_ff) and _cpu_grouped_mm_runs(x_ND.dtype))
 
 
 def _row_major(t: Tensor) -> bool:
@@ -527,7 +531,7 @@ class GroupedExperts(nn.Module):
             counts_G = counts_Re.reshape(-1)
             expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
             return ffn(x_ND, w, self.activation, mm=lambda a, b: _segment_mm_op(a, b, counts_G),
-                       add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
+                       add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
         if counts_Re.shape[0] == 1 and _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff):
             return self._grouped_mm(x_ND, counts_Re[0], w, _CPUGroupedMM.apply)
         segs = segments(counts_Re, counts_host)
@@ -536,19 +540,35 @@ class GroupedExperts(nn.Module):
         # backward all-to-alls that its peers wait in.
         expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: segment_mm(a, b, segs),
-                   add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
+                   add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
+
+    def takes_device_offsets(self, x_ND: Tensor) -> bool:
+        """Whether one source's rows in x's dtype run on a grouped GEMM that takes the row offsets
+        on the device (torch's fused CUDA kernel or its CPU kernel): no host read of the counts."""
+        return (_can_use_grouped_mm(x_ND, self.d_model, self.d_ff)
+                or _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff))
 
     def _expert_of_rows(self, counts_Re: Tensor, x_ND: Tensor) -> Tensor:
-        experts_Re = torch.arange(self.num_local, device=x_ND.device).expand_as(counts_Re)
-        return torch.repeat_interleave(experts_Re.reshape(-1), counts_Re.reshape(-1),
-                                       output_size=x_ND.shape[0])
+        """The local expert of every row, and ``num_local`` (the zero row of :func:`_bias_rows`) for
+        rows past the counted ones: a padded plan's dropped rows, whose values are undefined and
+        whose gradients must not reach the biases."""
+        ends_G = torch.cumsum(counts_Re.reshape(-1), 0)
+        rows_N = torch.arange(x_ND.shape[0], device=x_ND.device)
+        group_N = torch.searchsorted(ends_G, rows_N, right=True)  # G past the counted rows
+        return torch.where(group_N < ends_G.shape[0], group_N % self.num_local, self.num_local)
 
     def _grouped_mm(self, x_ND: Tensor, counts_e: Tensor, w: dict[str, Tensor],
                     grouped_mm: Callable[..., Tensor]) -> Tensor:
         offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
         expert_N = self._expert_of_rows(counts_e[None], x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: grouped_mm(a, b, offs_e),
-                   add_bias=lambda h, b: h + b[expert_N], clamp=self.clamp)
+                   add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
+
+
+def _bias_rows(b_eF: Tensor, expert_N: Tensor) -> Tensor:
+    """Each row's expert bias, a zero row for index e (rows past the counted ones): the gradient
+    those rows send to it is discarded with the extra row."""
+    return torch.cat([b_eF, b_eF.new_zeros((1, b_eF.shape[-1]))])[expert_N]
 
 
 class FeedForward(nn.Module):
