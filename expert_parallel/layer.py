@@ -260,8 +260,10 @@ class MoE(nn.Module):
         rows_TD = x_TD.to(compute_dtype(x_TD))  # a no-op without autocast
         with record_function("moe/plan"):
             # One process pads a capacity plan where the expert GEMMs take device offsets: no
-            # host read sizes the kept rows (docs/architecture.md, "Host syncs").
-            pad = self.ep_size > 1 or self.experts.takes_device_offsets(rows_TD)
+            # host read sizes the kept rows (docs/architecture.md, "Host syncs"). Not under anomaly
+            # detection, which would flag the undefined values of the dropped rows' backward.
+            pad = self.ep_size > 1 or (self.experts.takes_device_offsets(rows_TD)
+                                       and not torch.is_anomaly_enabled())
             plan, aux = self._route(logits_GSE, B, pad_drops=pad)
         with record_function("moe/dispatch"):
             dispatched = self.dispatcher.dispatch(rows_TD, plan, info)

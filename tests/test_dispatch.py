@@ -132,9 +132,12 @@ def test_a_padded_plan_cut_to_its_kept_rows_is_the_plan(policy: str, capacity: i
     with pytest.raises(ValueError, match="padded"):
         _ = padded.num_kept
     cut = padded.truncated(int(padded.counts_E.sum()))
+    bounded = padded.bounded()  # the one-process cut: a static E·G·C rows, every kept one in them
+    assert bounded.padded and bounded.token_N.shape[0] == min(G * S * K, E * G * capacity)
     for name in ("token_N", "expert_N", "group_N", "slot_N", "gate_N", "counts_E", "selected_E",
                  "dropped_fraction"):
         assert torch.equal(getattr(cut, name), getattr(plain, name)), name
+        assert torch.equal(getattr(bounded.truncated(plain.num_kept), name), getattr(plain, name)), name
     assert plain.num_kept < G * S * K  # something was dropped
     T, per_node, nodes = G * S, 2, 2
     want = dedup_by_node(plain.token_N, plain.expert_N, T, per_node, nodes)

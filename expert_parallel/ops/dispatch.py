@@ -40,7 +40,8 @@ class CommReport:
 
     Attributes:
         mode: "local" (every expert on this rank), "capacity" or "dropless".
-        sent_rows: rows sent to each peer in dispatch.
+        sent_rows: rows sent to each peer in dispatch ("local": the rows copied for the experts;
+            with a padded one-process plan min(G·S·K, E·G·C), the dropped rows included).
         recv_rows: rows received from each peer in dispatch.
         row_elements: D, elements per row.
         element_size: bytes per element.
@@ -302,16 +303,17 @@ class _GatherPadded(torch.autograd.Function):
 class LocalDispatcher:
     """Every expert on this device (expert-parallel size 1): gather, run, combine.
 
-    A padded plan (capacity-bounded routing where the expert GEMMs take device offsets) runs all
-    its rows, the kept ones first: the grouped GEMM computes the first ``counts_E.sum()`` rows
-    only, and the dropped rows' outputs and input gradients go to a discarded row T. Nothing is
-    read on the host.
+    A padded plan (capacity-bounded routing where the expert GEMMs take device offsets) runs its
+    first min(G·S·K, E·G·C) rows, the kept ones first (never more rows than a capacity buffer): the
+    grouped GEMM computes the first ``counts_E.sum()`` rows only, and the other rows' outputs and
+    input gradients go to a discarded row T. Nothing is read on the host.
     """
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Rows of x for all E experts, sorted by expert."""
         target_N = None
         if plan.padded:
+            plan = plan.bounded()
             rows = torch.arange(plan.token_N.shape[0], device=x_TD.device)
             target_N = torch.where(rows < plan.counts_E.sum(), plan.token_N, x_TD.shape[0])
             rows_ND = _GatherPadded.apply(x_TD, plan.token_N, target_N)

@@ -565,9 +565,10 @@ class GroupedExperts(nn.Module):
                    add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
 
 
-def _bias_rows(b_eF: Tensor, expert_N: Tensor) -> Tensor:
+def _bias_rows(b_eF: Tensor, expert_N: Tensor | None) -> Tensor:
     """Each row's expert bias, a zero row for index e (rows past the counted ones): the gradient
     those rows send to it is discarded with the extra row."""
+    assert expert_N is not None, "the experts of the rows are computed where there are biases"
     return torch.cat([b_eF, b_eF.new_zeros((1, b_eF.shape[-1]))])[expert_N]
 
 

@@ -81,6 +81,15 @@ class RoutingPlan:
             raise ValueError("num_kept of a padded plan: truncate it to its kept rows first")
         return int(self.expert_N.shape[0])
 
+    def bounded(self) -> RoutingPlan:
+        """A padded plan cut to its first E·G·C rows (a number known on the host), which hold every
+        kept row: at most as many rows as a capacity buffer of E·G·C slots, whatever the drops."""
+        if not self.padded or self.capacity is None:
+            return self
+        n = min(self.token_N.shape[0], self.num_experts * self.num_groups * self.capacity)
+        return replace(self, token_N=self.token_N[:n], expert_N=self.expert_N[:n], group_N=self.group_N[:n],
+                       slot_N=self.slot_N[:n], gate_N=self.gate_N[:n])
+
     def truncated(self, num_kept: int) -> RoutingPlan:
         """A padded plan cut to its first ``num_kept`` rows (``counts_E.sum()``, read on the host)."""
         if not self.padded:

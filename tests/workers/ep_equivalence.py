@@ -242,7 +242,7 @@ def check_comm(aux: ep.MoEAux, cfg: ep.MoEConfig, batch: int, training: bool, na
     assert comm is not None and comm.row_elements == D and comm.element_size == 4
     S = cfg.group_size or batch * L
     G = batch * L // S if S else 0
-    # Both modes send exactly the kept rows (capacity mode only adds the drops); nothing is padded.
+    # Both exchange modes send exactly the kept rows (capacity mode only adds the drops).
     if cfg.router == "soft":
         kept = G * E * cfg.slots_per_expert
     elif cfg.router == "expert_choice":
@@ -255,9 +255,9 @@ def check_comm(aux: ep.MoEAux, cfg: ep.MoEConfig, batch: int, training: bool, na
     assert sum(comm.bytes_by_class.values()) == sum(comm.sent_bytes)
     if comm.exchange == "hierarchical":
         return  # rows per peer depend on the deduplication; checked against the flat exchange
-    if (comm.mode == "local" and cfg.router in ("topk", "noisy_topk")
-            and capacity(cfg, S, training) is not None):
-        kept = G * S * cfg.top_k  # one process copies every row of a padded plan (CPU grouped_mm here)
+    C = capacity(cfg, S, training) if cfg.router in ("topk", "noisy_topk") else None
+    if comm.mode == "local" and C is not None:  # one process copies the rows of a padded plan
+        kept = min(G * S * cfg.top_k, cfg.num_experts * G * C)  # (CPU grouped_mm here), drops included
     assert sum(comm.sent_rows) == kept, f"{name}: traffic {comm} vs {kept} kept rows"
     if idle and comm.mode != "local":
         assert sum(comm.recv_rows) == 0, f"{name}: idle rank received rows"
