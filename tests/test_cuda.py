@@ -281,6 +281,37 @@ def test_one_process_bf16_forward_and_backward_never_sync(overrides: dict) -> No
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("overrides", [dict(capacity_factor=0.75), dict(capacity_factor=1.0, bias=True,
+                                                                      activation="swiglu")])
+def test_padded_one_process_plan_equals_the_cut_plan_on_the_gpu(overrides: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 with the fused grouped_mm: the padded capacity plan (the dropped rows past the last
+    offset, which torch's kernels ignore) gives the output and every gradient of the plan cut with
+    nonzero, to bf16 resolution."""
+    import copy
+
+    if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
+        pytest.skip("no fused grouped_mm on this GPU")
+    cfg = dict(d_model=64, d_ff=128, num_experts=8, top_k=2, dtype=torch.bfloat16, **overrides)
+    padded = build(cfg).to(CUDA)
+    cut = copy.deepcopy(padded)
+    x = torch.randn(4, 32, 64, device=CUDA, dtype=torch.bfloat16)
+    want = None
+    for model in (cut, padded):
+        if model is cut:
+            monkeypatch.setattr(type(model.experts), "takes_device_offsets", lambda self, x: False)
+        else:
+            monkeypatch.undo()
+        got = _compiled_step(model, x)
+        if want is None:
+            want = got
+    assert torch.equal(got[1], want[1]) and float(padded(x)[1].dropped_fraction) > 0
+    for a, b in zip(got, want, strict=True):
+        if a is not None:
+            bound = 4 * torch.finfo(torch.bfloat16).eps * b.float().abs().max().item()
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=bound)
+
+
 def test_grouped_mm_takes_a_rank_that_receives_zero_rows() -> None:
     """An expert-parallel rank whose experts received no rows runs grouped_mm on zero rows."""
     if not experts_module.fused_grouped_mm(CUDA, torch.bfloat16):
