@@ -4,6 +4,7 @@ abort) over repeated runs; without a launcher it destroys the groups and returns
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 import expert_parallel as ep
 from expert_parallel.comm import exchange
-from tests.procs import WORKERS, run, run_all
+from tests.procs import ROOT, WORKERS, run, run_all
 
 pytest.importorskip("transformers")  # the worker is the docs' Hugging Face example
 
@@ -38,6 +39,24 @@ def test_launched_workers_end_cleanly_over_repeated_runs(tmp_path: Path) -> None
                 assert f"rank {rank}: trained, saved and loaded" in out, out[-3000:]
                 assert f"rank {rank}: atexit handler ran" in out, out[-3000:]
             assert "returned from shutdown" not in out, out[-3000:]
+
+
+def test_under_mpiexec_a_rank_that_leaves_first_does_not_end_the_others(tmp_path: Path) -> None:
+    """MPICH's mpiexec ends the whole job when a rank leaves without MPI_Finalize: rank 0 shutting
+    down first got rank 1, still finishing, killed (SIGKILL, "BAD TERMINATION" once in a loaded run
+    of the docs' demo). ep.shutdown finalizes MPI before it exits: rank 1 finishes its work."""
+    if subprocess.run(["which", "mpiexec"], capture_output=True).returncode:
+        pytest.skip("no mpiexec")
+    script = tmp_path / "late_rank.py"
+    script.write_text(f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+                      "import expert_parallel as ep\n"
+                      "ctx = ep.init_distributed()\n"
+                      "if ctx.rank == 1:\n"
+                      "    time.sleep(3)\n"
+                      "    print('rank 1: finished after rank 0 left', flush=True)\n"
+                      "ep.shutdown(ctx)\n")
+    out = run(["bash", "launch/mpirun.sh", "2", str(script)], timeout=120)
+    assert "rank 1: finished after rank 0 left" in out, out[-3000:]
 
 
 def test_without_a_launcher_it_returns_and_atexit_runs_at_exit(tmp_path: Path) -> None:

@@ -27,8 +27,9 @@ def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None
        sub-groups, so that a new ``init_distributed`` builds fresh ones;
     2. under a launcher (torchrun, DeepSpeed, mpirun, srun) the process then runs its ``atexit``
        handlers (logging, experiment trackers; not under mpirun, see below), flushes stdout and
-       stderr, and leaves with ``os._exit(exit_code)``, skipping the interpreter teardown where the abort
-       happens. Files you opened yourself must be closed before (a ``with`` block does that).
+       stderr, under mpirun finalizes MPI (MPICH's mpiexec ends the whole job once a rank leaves
+       without it, killing the ranks still at work), and leaves with ``os._exit(exit_code)``,
+       skipping the interpreter teardown where the abort happens. Files you opened yourself must be closed before (a ``with`` block does that).
 
     Without a launcher (one ``python`` process, a notebook, a test) it only destroys the groups and
     returns.
@@ -58,4 +59,15 @@ def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None
             atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
+        if launcher == "mpi":
+            _finalize_mpi()
         os._exit(exit_code)
+
+
+def _finalize_mpi() -> None:
+    """MPI_Finalize, where mpi4py initialised MPI (the rendezvous did): MPICH's mpiexec ends the
+    whole job, silently, once a rank leaves without it, so the first rank to shut down got the
+    ranks still finishing their work killed."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
