@@ -261,9 +261,9 @@ class MoE(nn.Module):
         with record_function("moe/plan"):
             # One process pads a capacity plan where the expert GEMMs take device offsets: no
             # host read sizes the kept rows (docs/architecture.md, "Host syncs"). Not under anomaly
-            # detection, which would flag the undefined values of the dropped rows' backward.
-            pad = self.ep_size > 1 or (self.experts.takes_device_offsets(rows_TD)
-                                       and not torch.is_anomaly_enabled())
+            # detection (eager), which would flag the undefined values of the dropped rows' backward.
+            eager_anomaly = not torch.compiler.is_compiling() and torch.is_anomaly_enabled()
+            pad = self.ep_size > 1 or (self.experts.takes_device_offsets(rows_TD) and not eager_anomaly)
             plan, aux = self._route(logits_GSE, B, pad_drops=pad)
         with record_function("moe/dispatch"):
             dispatched = self.dispatcher.dispatch(rows_TD, plan, info)

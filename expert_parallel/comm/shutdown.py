@@ -29,7 +29,8 @@ def shutdown(ctx: DistContext | None = None, *, exit_process: bool | None = None
        handlers (logging, experiment trackers; not under mpirun, see below), flushes stdout and
        stderr, under mpirun finalizes MPI (MPICH's mpiexec ends the whole job once a rank leaves
        without it, killing the ranks still at work), and leaves with ``os._exit(exit_code)``,
-       skipping the interpreter teardown where the abort happens. Files you opened yourself must be closed before (a ``with`` block does that).
+       skipping the interpreter teardown where the abort happens. Files you opened yourself must
+       be closed before (a ``with`` block does that).
 
     Without a launcher (one ``python`` process, a notebook, a test) it only destroys the groups and
     returns.
