@@ -529,24 +529,29 @@ class GroupedExperts(nn.Module):
             return y_ND.new_empty(y_ND.shape).index_copy(0, order, y_ND)
         if torch.compiler.is_compiling():
             counts_G = counts_Re.reshape(-1)
-            expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
             return ffn(x_ND, w, self.activation, mm=lambda a, b: _segment_mm_op(a, b, counts_G),
-                       add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
+                       add_bias=self._bias_adder(counts_Re, x_ND, w), clamp=self.clamp)
         if counts_Re.shape[0] == 1 and _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff):
             return self._grouped_mm(x_ND, counts_Re[0], w, _CPUGroupedMM.apply)
         segs = segments(counts_Re, counts_host)
         # The segment GEMMs see every row and weight even when a segment list is empty, so the
         # output always depends on them: a rank whose experts received nothing still runs the
         # backward all-to-alls that its peers wait in.
-        expert_N = self._expert_of_rows(counts_Re, x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: segment_mm(a, b, segs),
-                   add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
+                   add_bias=self._bias_adder(counts_Re, x_ND, w), clamp=self.clamp)
 
     def takes_device_offsets(self, x_ND: Tensor) -> bool:
         """Whether one source's rows in x's dtype run on a grouped GEMM that takes the row offsets
         on the device (torch's fused CUDA kernel or its CPU kernel): no host read of the counts."""
         return (_can_use_grouped_mm(x_ND, self.d_model, self.d_ff)
                 or _can_use_cpu_grouped_mm(x_ND, self.d_model, self.d_ff))
+
+    def _bias_adder(self, counts_Re: Tensor, x_ND: Tensor, w: dict[str, Tensor]) -> MatMul:
+        """``ffn``'s add_bias: h plus each row's expert bias (found once for all bias adds)."""
+        if "b_in" not in w and "b_out" not in w:
+            return _add  # ffn adds no bias then
+        expert_N = self._expert_of_rows(counts_Re, x_ND)
+        return lambda h, b: h + _bias_rows(b, expert_N)
 
     def _expert_of_rows(self, counts_Re: Tensor, x_ND: Tensor) -> Tensor:
         """The local expert of every row, and ``num_local`` (the zero row of :func:`_bias_rows`) for
@@ -560,15 +565,13 @@ class GroupedExperts(nn.Module):
     def _grouped_mm(self, x_ND: Tensor, counts_e: Tensor, w: dict[str, Tensor],
                     grouped_mm: Callable[..., Tensor]) -> Tensor:
         offs_e = torch.cumsum(counts_e, 0).to(torch.int32)
-        expert_N = self._expert_of_rows(counts_e[None], x_ND) if "b_in" in w or "b_out" in w else None
         return ffn(x_ND, w, self.activation, mm=lambda a, b: grouped_mm(a, b, offs_e),
-                   add_bias=lambda h, b: h + _bias_rows(b, expert_N), clamp=self.clamp)
+                   add_bias=self._bias_adder(counts_e[None], x_ND, w), clamp=self.clamp)
 
 
-def _bias_rows(b_eF: Tensor, expert_N: Tensor | None) -> Tensor:
+def _bias_rows(b_eF: Tensor, expert_N: Tensor) -> Tensor:
     """Each row's expert bias, a zero row for index e (rows past the counted ones): the gradient
     those rows send to it is discarded with the extra row."""
-    assert expert_N is not None, "the experts of the rows are computed where there are biases"
     return torch.cat([b_eF, b_eF.new_zeros((1, b_eF.shape[-1]))])[expert_N]
 
 
