@@ -174,6 +174,11 @@ COMMANDS: dict[str, Run | Elsewhere | NotRun] = {
         Run(f"{SMALL_BENCH} --values 32,64"),
     "expert-parallel bench --sweep experts --plot runs/experts.png --json runs/experts.json":
         Run(f"{SMALL_BENCH} --values 8,16"),
+    "expert-parallel bench --top-k 1 --capacity-factor 1.25 --compile":
+        Elsewhere("tests/test_bench.py::test_bench_compile_puts_compiled_beside_eager"),
+    "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m expert_parallel bench --top-k 1 --compile":
+        NotRun("compiling on 2 ranks takes minutes; the one-process form runs in test_bench.py and the "
+               "compiled expert-parallel layer in test_compile.py"),
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m expert_parallel bench --overlap-probe":
         Elsewhere("tests/test_bench.py::test_overlap_probe_under_torchrun"),
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m expert_parallel compose --ep-size 2 "
