@@ -3,8 +3,9 @@
 On one GPU: the MoE on the GPU equals the CPU reference (fp32) and routes exactly like fp32 (bf16,
 and fp32 master weights under bf16 autocast) with outputs at bf16 resolution; grouped_mm forward and
 backward equal the segment loop; the training example runs 20 steps; the bf16 benchmark prints
-TFLOP/s and the fraction of the GPU's dense peak. With two or more GPUs: expert parallelism over
-NCCL equals the single-device reference.
+TFLOP/s and the fraction of the GPU's dense peak; the all-to-all exchange over a one-rank NCCL group
+equals the local path. With two or more GPUs: expert parallelism over NCCL equals the
+single-device reference.
 """
 
 from __future__ import annotations
@@ -229,6 +230,14 @@ def test_cpu_and_cuda_tensors_reach_every_rank_of_an_nccl_job() -> None:
     out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                str(WORKERS / "nccl_cpu_tensors.py")], timeout=300)
     assert out.count("OK cpu and cuda") == n, out[-3000:]
+
+
+def test_the_exchange_over_a_one_rank_nccl_group_equals_the_local_path() -> None:
+    """One GPU exercises NCCL: the all-to-all dispatcher over a one-rank NCCL group (count
+    all-gather, the autograd all-to-all, capacity and dropless) gives what the local path gives,
+    for every router, in fp32 and under bf16 autocast."""
+    out = run([sys.executable, str(WORKERS / "single_process.py"), "--backend", "nccl"], timeout=300)
+    assert "ALL OK" in out and "bf16 autocast" in out, out[-3000:]
 
 
 def test_bench_in_bf16_prints_tflops_and_the_fraction_of_peak(tmp_path: Path) -> None:
