@@ -12,7 +12,7 @@ import os
 import socket
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -133,8 +133,20 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return int(env[name]) if name in env else default
 
 
+# What init_distributed published into os.environ for an mpirun/srun process (RANK, WORLD_SIZE, ...),
+# with the launch it read before: those variables alone would read as torchrun afterwards.
+_PUBLISHED: list[tuple[LaunchEnv, dict[str, str]]] = []
+
+
 def launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
-    """Reads this process's coordinates from the environment of the launcher that started it."""
+    """Reads this process's coordinates from the environment of the launcher that started it.
+
+    Under mpirun / srun, after :func:`init_distributed` published RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT (torch's env:// names), this still says "mpi" / "slurm" with their local sizes, for
+    as long as those variables keep the published values.
+    """
+    if env is None and _PUBLISHED and all(os.environ.get(k) == v for k, v in _PUBLISHED[0][1].items()):
+        return _PUBLISHED[0][0]
     env = dict(os.environ) if env is None else env
     launcher = detect_launcher(env)
     if launcher in ("torchrun", "deepspeed"):
@@ -285,9 +297,13 @@ def _init_default_group(launch: LaunchEnv, backend: str | None, timeout: timedel
     if launch.launcher in ("mpi", "slurm"):
         addr, port = (_mpi_rendezvous(launch) if launch.launcher == "mpi"
                       else (launch.master_addr, launch.master_port))
-        # Published for code that reads the usual variables (and for env:// below).
-        os.environ.update(MASTER_ADDR=str(addr), MASTER_PORT=str(port), RANK=str(launch.rank),
-                          WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
+        # Published for code that reads the usual variables (and for env:// below); launch_env
+        # keeps naming the launcher that started the process (shutdown and the node layout need it).
+        published = dict(MASTER_ADDR=str(addr), MASTER_PORT=str(port), RANK=str(launch.rank),
+                         WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
+        os.environ.update(published)
+        _PUBLISHED[:] = [(replace(launch, master_addr=str(addr), master_port=int(published["MASTER_PORT"])),
+                          published)]
     if launch.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         dist.init_process_group(pg_backend, store=_elastic_store(launch, timeout), rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
