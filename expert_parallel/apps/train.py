@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
     add("--backend", choices=("gloo", "nccl"), default=None,
         help="default: gloo without a launcher; NCCL under one when every local rank has a GPU")
+    add("--timeout", type=float, default=None,
+        help="collective timeout in seconds (default 300): a lost peer becomes an error after it")
     add("--steps", type=int, default=600)
     add("--batch-size", type=int, default=16, help="global batch, sequences per step")
     add("--seq-len", type=int, default=128)
@@ -293,7 +295,7 @@ def build_model(args: argparse.Namespace, ctx: DistContext) -> tuple[LanguageMod
 
 def setup(args: argparse.Namespace) -> Run:
     """Process groups, data, the model on this rank's device and its optimizer."""
-    ctx = init_distributed(ep_size=args.ep_size, backend=args.backend)
+    ctx = init_distributed(ep_size=args.ep_size, backend=args.backend, timeout=args.timeout)
     if args.grad_accum < 1 or args.batch_size % (ctx.world_size * args.grad_accum):
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the world size "
                          f"{ctx.world_size} times --grad-accum {args.grad_accum}")
