@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from expert_parallel.apps.cli import main
+from tests.test_launchers import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,10 +78,8 @@ def test_bad_input_is_one_message_and_status_2(launcher: str, tmp_path: Path) ->
     no traceback from any worker, exit status 2 (as one process; the launchers report their own
     failure: torchrun with its ChildFailedError summary)."""
     import os
-    if launcher == "mpirun" and subprocess.run(["which", "mpiexec"], capture_output=True).returncode:
-        pytest.skip("no mpiexec")
-    if launcher == "deepspeed" and subprocess.run(["which", "deepspeed"], capture_output=True).returncode:
-        pytest.skip("no deepspeed")
+    if launcher in ("mpirun", "deepspeed"):
+        require({"mpirun": "mpiexec", "deepspeed": "deepspeed"}[launcher])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     for name, (args, message) in BAD_INPUT.items():
         if launcher != "python" and name == "not a number":
