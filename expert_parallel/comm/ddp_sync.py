@@ -9,23 +9,26 @@ forward with gradient synchronisation on (outside ``no_sync()``) queues it for t
 backward, summed over the ranks that hold the same experts and divided by DDP's world size, as
 ``ep.sync_gradients`` does.
 
-A layer's reduction is queued when its output's gradient arrives and runs when the autograd pass
-that computes its expert gradients ends: the whole backward, or, for a block under a reentrant
-activation checkpoint, that block's nested pass (a callback queued for the outermost pass would
-not know which layers a nested one reached). So each layer is reduced once per backward, on its own
-(per layer, a flag all-reduce and bucketed gradient all-reduces, after the backward rather than
-overlapped with it).
+A layer's reduction runs once per backward, when the outermost autograd pass that reaches the
+layer ends, however many times the layer ran in the forward and under whatever activation
+checkpointing. It is queued (``queue_callback``) on the first pass that meets the layer: the pass
+that its output's gradient reaches, or, for a layer recomputed inside a backward (a checkpointed
+block), the pass that runs the recomputation. A reentrant checkpoint recomputes in the pass around
+the nested pass that then computes the block's gradients, so a callback queued at the nested pass's
+arrival would run at that pass's end, once per checkpointed call of the layer: each later one would
+reduce a sum of reduced and unreduced gradients. (Per layer, a flag all-reduce and bucketed gradient
+all-reduces, after the backward rather than overlapped with it.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from ..ops.private import current_graph_task_id, queue_callback
 from .grads import expert_reduction_over
 
 
@@ -50,23 +53,27 @@ class LayerSync:
 
     def reduce_at_end_of_backward(self, params: list[nn.Parameter], replicas: ExpertReplicas,
                                   output: Tensor) -> None:
-        """Queues the reduction of ``params`` (the layer's experts) for the end of the autograd
-        pass that reaches ``output`` (a tensor the layer returned; nothing if it takes no gradient).
-        A layer called twice in one backward is reduced once."""
-        if not output.requires_grad:
-            return
+        """Queues the reduction of ``params`` (the layer's experts) once, for the end of the outermost
+        autograd pass that reaches ``output`` (a tensor the layer returned): now, for a
+        recomputation inside a backward (activation checkpointing: that pass is the running one, or
+        for a reentrant checkpoint the one around the nested pass that will compute the gradients),
+        else when ``output``'s gradient arrives (nothing if it takes none). A layer called several
+        times in one backward is reduced once."""
 
         def reduce() -> None:
             self.queued = False
             expert_reduction_over(params, replicas.group, replicas.world_size)  # NOTE: collective
 
-        def arrived(grad: Tensor) -> None:
+        def queue() -> None:
+            # every rank's backward meets the layer alike (the exchange's backward is collective)
             if not self.queued:
                 self.queued = True
-                # every rank's backward reaches the layer (the exchange's backward is collective)
-                torch.autograd.Variable._execution_engine.queue_callback(reduce)
+                queue_callback(reduce)
 
-        output.register_hook(arrived)
+        if current_graph_task_id() != -1:  # a recomputation, inside a backward
+            queue()
+        elif output.requires_grad:
+            output.register_hook(lambda grad: queue())
 
 
 def ddp_world_size(ddp: nn.Module) -> int:

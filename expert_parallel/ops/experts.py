@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import ACTIVATIONS, GATED_ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, MoEConfig
 from .precision import autocast_off, compute_dtype
+from .private import grouped_mm_op
 
 
 def activate(h_ND: Tensor, activation: str) -> Tensor:
@@ -156,8 +157,8 @@ def _aligned(x_ND: Tensor, d_model: int, d_ff: int) -> bool:
 
 def _torch_grouped_mm() -> Callable[..., Tensor] | None:
     """torch's grouped GEMM: ``F.grouped_mm`` (public from torch 2.10), ``torch._grouped_mm`` on
-    2.8 and 2.9, None before."""
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    2.8 and 2.9, None before (:func:`.private.grouped_mm_op`)."""
+    return grouped_mm_op()
 
 
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
