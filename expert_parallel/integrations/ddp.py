@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..comm.ddp_sync import ExpertReplicas
 from ..comm.distributed import DistContext
-from ..comm.grads import expert_parameter_ids
+from ..comm.grads import check_expert_layout, expert_parameter_ids
 from ..layer import MoE
+from ..ops.private import ddp_ignored_names, set_ddp_ignored
 from ..ops.routing import TopKRouter
 
 
@@ -73,8 +74,9 @@ def prepare_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
         raise ValueError("prepare_ddp: the model is wrapped in DistributedDataParallel already (whose "
                          "constructor overwrote the experts); call it on the unwrapped model, before "
                          "wrapping")
-    ignore = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(_per_rank_names(model))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
+    check_expert_layout(model, ctx, "prepare_ddp")
+    ignore = set(ddp_ignored_names(model)) | set(_per_rank_names(model))
+    set_ddp_ignored(model, ignore)
     replicas = ExpertReplicas(ctx.dp_group, ctx.world_size)
     for module in model.modules():
         if isinstance(module, MoE):
@@ -93,12 +95,16 @@ def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> Dist
     divided by the world size. After ``loss.backward()`` every gradient equals what
     :func:`ep.sync_gradients` gives on the unwrapped model, so do not call it. ``no_sync()``
     accumulates locally (gradient accumulation); the next backward outside it reduces the sum.
+    A rank may hold no tokens (every parameter still takes part, with a zero gradient); a layer
+    called several times in a forward, checkpointed or not, is reduced once per backward (with
+    reentrant checkpointing of such a layer, DDP itself needs ``static_graph=True``).
 
     Args:
         model: the model (its MoE layers built with ``ep_group=ctx.ep_group``), on ``ctx.device``.
         ctx: the job's context.
         **ddp_kwargs: passed to DistributedDataParallel (e.g. ``bucket_cap_mb``,
-            ``find_unused_parameters``); ``device_ids`` defaults to ``[ctx.device.index]`` on CUDA.
+            ``find_unused_parameters``); ``device_ids`` defaults to ``[ctx.device.index]`` on CUDA,
+            ``process_group`` to ``ctx.world_group`` (the library's job-wide group).
 
     Returns:
         The DistributedDataParallel module (``.module`` is ``model``).
@@ -109,4 +115,7 @@ def data_parallel(model: nn.Module, ctx: DistContext, **ddp_kwargs: Any) -> Dist
     prepare_ddp(model, ctx)
     if ctx.device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [ctx.device.index])
+    # the library's own job-wide group: a user's collective on the default group never pairs with
+    # DDP's bucket all-reduces, whatever order the ranks run them in
+    ddp_kwargs.setdefault("process_group", ctx.world_group)
     return DistributedDataParallel(model, **ddp_kwargs)

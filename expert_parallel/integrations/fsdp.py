@@ -9,7 +9,9 @@ Gradient scale. FSDP2 averages a unit's gradients over its mesh. For the replica
 is the world, as ``ep.sync_gradients`` does. For the experts the target is the sum over the dp
 replicas divided by the *world* size (docs/expert_parallel.md, "The gradient math"), so the expert
 units' divide factor is the world size; on gloo, which has no PREMUL_SUM, they reduce with SUM and
-divide after (``set_force_sum_reduction_for_comms``).
+divide after (``set_force_sum_reduction_for_comms``). With one replica (dp size 1) an expert unit
+communicates nothing; its divide factor stays 1 and an all-reduce hook divides by the world size
+(FSDP2 would otherwise divide twice for some reduce dtypes, fp16 among them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.distributed.fsdp import fully_shard as fsdp_fully_shard
 from torch.distributed.tensor import Shard
 
 from ..comm.distributed import DistContext
+from ..comm.grads import check_expert_layout
 from ..layer import MoE
 
 
@@ -63,11 +66,21 @@ def _experts_unit(moe: MoE, ctx: DistContext, options: _Options) -> None:
     over the replicas and divided by the world size."""
     mesh = ctx.mesh["dp"]
     unit = options.shard(moe.experts, mesh, 0 if moe.experts.num_local >= ctx.dp_size else 1)
+    if ctx.dp_size == 1:
+        # One replica, no communication. torch 2.13's FSDP2 divides a one-rank unit's gradients by a
+        # custom divide factor twice when its reduce dtype (the policy's reduce_dtype, else its
+        # param_dtype, else the gradients' own) is neither fp32 nor bf16 (fp16: x0.5 at EP 2), and
+        # twice under a forced SUM: keep its factor at 1 and divide in the hook it runs on the result.
+        world = float(ctx.world_size)
+
+        def divide(grad: torch.Tensor) -> None:
+            grad.div_(world)
+
+        unit.set_all_reduce_hook(divide)
+        return
     unit.set_gradient_divide_factor(float(ctx.world_size))
-    # gloo has no PREMUL_SUM: reduce with SUM and divide after. Not on a one-rank mesh, where there is
-    # no communication and torch 2.13's FSDP2 would divide twice under the forced SUM.
-    gloo = dist.get_backend(mesh.get_group()) == "gloo"
-    if gloo and ctx.dp_size > 1 and hasattr(unit, "set_force_sum_reduction_for_comms"):
+    # gloo has no PREMUL_SUM: reduce with SUM and divide after.
+    if dist.get_backend(mesh.get_group()) == "gloo" and hasattr(unit, "set_force_sum_reduction_for_comms"):
         unit.set_force_sum_reduction_for_comms(True)
 
 
@@ -86,7 +99,9 @@ def fully_shard(model: nn.Module, ctx: DistContext, *, mp_policy: MixedPrecision
         model: the model, its MoE layers built with ``ep_group=ctx.ep_group``, on ``ctx.device``
             (or on the meta device: move it with ``to_empty`` after, then ``reset_parameters``).
         ctx: the job's context.
-        mp_policy: FSDP2's MixedPrecisionPolicy (e.g. bf16 parameters, fp32 reduction).
+        mp_policy: FSDP2's MixedPrecisionPolicy (e.g. bf16 parameters, fp32 reduction); any
+            reduce dtype, fp16 included, at any dp size. With one replica of the experts (dp size 1)
+            their units' all-reduce hook (``set_all_reduce_hook``) does their division: leave it.
         reshard_after_forward: free the gathered parameters after the forward (FSDP2's option).
         blocks: the modules to make units of, instead of the ones found.
 
@@ -95,13 +110,10 @@ def fully_shard(model: nn.Module, ctx: DistContext, *, mp_policy: MixedPrecision
     """
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("fully_shard: the model is sharded already (it holds an FSDPModule)")
-    if ctx.dp_size == 1 and mp_policy is not None and mp_policy.reduce_dtype == torch.float16:
-        # torch 2.13's FSDP2 divides a one-rank unit's fp16 gradients by a custom factor twice
-        raise ValueError("fully_shard: mp_policy.reduce_dtype=torch.float16 with one replica of the "
-                         "experts (dp_size 1) is not supported; reduce in float32 or bfloat16")
-    group = dist.group.WORLD
-    assert group is not None  # init_distributed made it
-    world = DeviceMesh.from_group(group, ctx.device.type)  # the job's group, not a new one
+    check_expert_layout(model, ctx, "fully_shard")
+    # the library's job-wide group (made once by init_distributed), not the default group, which a
+    # user's own collectives use
+    world = DeviceMesh.from_group(ctx.world_group, ctx.device.type)
     options = _Options(mp_policy or MixedPrecisionPolicy(), reshard_after_forward)
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
         _experts_unit(moe, ctx, options)
