@@ -16,6 +16,7 @@ SwiGLU, interleaved gate/up columns).
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from ..config import MoEConfig
 from ..layer import MoE
 from ..ops.losses import MoEAux
 from .ddp import prepare_ddp
+from .hf_generate import generate_joined
 
 try:
     import transformers  # noqa: F401
@@ -220,13 +222,14 @@ class ExpertParallelBlock(nn.Module):
                         capacity_factor=None, eval_capacity_factor=None, load_balance_coef=0.0,
                         z_loss_coef=0.0, dtype=experts.gate_up_proj.dtype, **family.routing(config),
                         **family.expert_fields(config, experts))
-        ep_group = ctx.ep_group if ctx is not None else None
         device = self.family_router().weight.device
         with torch.random.fork_rng(devices=[]):  # the user's generator untouched
             torch.default_generator.manual_seed(0)  # the CPU generator only: GPU seeds stay the user's
             # Built on the meta device and given storage without drawing anything: its experts are
             # this rank's rows of the model's own (below) and its router is the family's.
-            self.moe = MoE(cfg, ep_group=ep_group, device="meta").to_empty(device=device)
+            moe = (MoE(cfg, ep_group=ctx.ep_group, device="meta") if ctx is not None
+                   else MoE(cfg, device="meta"))  # no ep_group given: one device
+            self.moe = moe.to_empty(device=device)
         with torch.no_grad():
             for buffer in self.moe.buffers():  # the balancing counts and bias start at zero
                 buffer.zero_()
@@ -343,6 +346,7 @@ def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.M
     if ctx is not None:
         prepare_ddp(model, ctx)  # any DDP wrapper (Trainer's, accelerate's, yours) leaves the experts to us
     _guard_save_pretrained(model)
+    generate_joined(model)  # ranks that stop decoding at different steps serve the others
     return model
 
 
@@ -375,19 +379,9 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
     family, blocks = _moe_blocks(model, str(config.model_type))
     files = _SafetensorsDir(Path(path), str(config.model_type))
     files.check_not_quantized(config)
-    # what transformers skips too: the model class's patterns (DeepSeek-V3's, GLM-4.5's and
-    # Qwen3-Next's multi-token-prediction layers)
-    ignore = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    known = set(model.state_dict())
-    missing, unexpected = model.load_state_dict(files.non_expert_tensors(ignore, known), strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if not k.endswith(tuple(f"experts.{n}" for n in EXPERT_TENSORS))
-               and k not in tied]
-    if tied:
+    _load_replicated(model, files)
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # the head shares the embedding again (load_state_dict replaced neither)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: missing {missing}, "
-                         f"unexpected {unexpected}")
     ep_size, ep_rank = (ctx.ep_size, ctx.ep_rank) if ctx is not None else (1, 0)
     for name, block in blocks:
         count = _local_count(name, block, family, ep_size)
@@ -398,26 +392,58 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
     if ctx is not None:
         prepare_ddp(model, ctx)
     _guard_save_pretrained(model)
+    generate_joined(model)  # ranks that stop decoding at different steps serve the others
     return model
+
+
+def _is_expert_key(key: str) -> bool:
+    """A state-dict key of the experts: transformers' fused tensors, or anything of our ``moe``
+    (its router's tensors are the family router's, loaded under the router's own names)."""
+    return ".moe." in key or key.endswith(tuple(f"experts.{n}" for n in EXPERT_TENSORS))
+
+
+def _load_replicated(model: nn.Module, files: _SafetensorsDir) -> None:
+    """Every tensor of a checkpoint but the experts' into the model, in place, under the model's
+    names (Mixtral's ``block_sparse_moe`` on disk is ``mlp``): routers, their biases, shared experts,
+    attention, norms, embeddings.
+
+    Raises:
+        ValueError: the checkpoint lacks a tensor of the model (experts and a tied head aside) or
+            has one the model lacks (beyond the model class's
+            ``_keys_to_ignore_on_load_unexpected``: multi-token-prediction layers).
+    """
+    ignore = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    known = set(model.state_dict())
+    missing, unexpected = model.load_state_dict(files.non_expert_tensors(ignore, known), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if not _is_expert_key(k) and k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{files.path}: checkpoint does not fit {type(model).__name__}: missing "
+                         f"{missing}, unexpected {unexpected}")
 
 
 @contextlib.contextmanager
 def _experts_on_meta() -> Iterator[None]:
-    """While active, the experts' parameters (gate_up_proj, down_proj and gpt-oss's biases) are created
-    on the meta device (transformers has no switch for a part of a model; accelerate's
-    init_empty_weights does the same for every parameter)."""
-    original = nn.Module.register_parameter
+    """While active, the experts' parameters (gate_up_proj, down_proj and gpt-oss's biases) that this
+    thread creates are created on the meta device (transformers has no switch for a part of a model).
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and name in EXPERT_TENSORS:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
+    torch's parameter-registration hook, not a patch of ``nn.Module.register_parameter`` (what
+    accelerate's init_empty_weights does): it is removed by its own handle on every exit, whatever
+    the order in which nested or concurrent uses end, and modules built by other threads meanwhile
+    are left alone."""
+    thread = threading.get_ident()
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or name not in EXPERT_TENSORS or threading.get_ident() != thread:
+            return None  # None: registered as given
+        return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    # (torch types the hook as returning None; it documents that a returned parameter replaces it)
+    handle = nn.modules.module.register_module_parameter_registration_hook(to_meta)  # type: ignore[arg-type]
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        handle.remove()
 
 
 class _SafetensorsDir:
@@ -430,6 +456,7 @@ class _SafetensorsDir:
     def __init__(self, path: Path, model_type: str) -> None:
         from safetensors import safe_open
 
+        self.path = path
         index = path / "model.safetensors.index.json"
         if index.exists():  # sharded: the files the index names (not stray ones beside them)
             import json
@@ -571,18 +598,21 @@ def forget_kept(model: nn.Module) -> None:
 
 
 def matches_checkpoint(model: nn.Module, path: str | Path) -> bool:
-    """Whether the replicated tensors of a transformers checkpoint directory equal the model's (a
-    few of them: the embeddings, the first and the last of the file)."""
+    """Whether every tensor of a transformers checkpoint directory that transformers'
+    ``load_state_dict`` loads by name (its name on disk is one of the model's) equals the model's,
+    bitwise: the check that the directory is the one Trainer loaded. False when none is."""
     from safetensors import safe_open
 
     files = _SafetensorsDir(Path(path), str(getattr(model.config, "model_type", "")))
-    own = {k: v for k, v in model.state_dict().items() if ".moe." not in k}
-    keys = [k for k in files.where if files._internal(k) in own]
-    for key in dict.fromkeys([k for k in keys if "embed" in k][:1] + keys[:1] + keys[-1:]):
-        with safe_open(str(files.where[key]), "pt") as f:
-            if not torch.equal(f.get_tensor(key), own[files._internal(key)].detach().cpu()):
-                return False
-    return bool(keys)
+    own = {k: v for k, v in model.state_dict().items() if not _is_expert_key(k)}
+    compared = 0
+    for file in files.files:
+        with safe_open(str(file), "pt") as f:
+            for key in (k for k in f.keys() if k in own):  # noqa: SIM118 (not iterable)
+                if not torch.equal(f.get_tensor(key), own[key].detach().cpu()):
+                    return False
+                compared += 1
+    return compared > 0
 
 
 def save_pretrained_in_hf_layout(self: nn.Module, save_directory: str | Path, *args: Any,
@@ -622,10 +652,18 @@ def _guard_save_pretrained(model: nn.Module) -> None:
     model.save_pretrained = _SaveInHFLayout(model)  # type: ignore[assignment]
 
 
-def load_local_experts(model: nn.Module, path: str | Path) -> None:
-    """This rank's experts of every expert-parallel block, read from a transformers checkpoint
-    directory (safetensors) into the model in place."""
+def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Every tensor of an expert-parallel model read from a transformers checkpoint directory
+    (safetensors) in place: the replicated ones all (routers, shared experts, attention, norms,
+    embeddings, DeepSeek's bias), the experts this rank's rows. What a Trainer resume or best-model
+    reload needs: transformers' ``load_state_dict`` misses the experts (another layout) and, where
+    the names on disk are not the model's (Mixtral's ``block_sparse_moe``), the routers too.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model (a tensor missing on either side).
+    """
     files = _SafetensorsDir(Path(path), str(getattr(model.config, "model_type", "")))
+    _load_replicated(model, files)
     for name, block in model.named_modules():
         if isinstance(block, ExpertParallelBlock):
             first, count = block.moe.experts.first, block.moe.experts.num_local

@@ -9,11 +9,17 @@ CHECK is one of:
               trainer.save_model writes what plain transformers loads with the trained logits.
   bias        the same for DeepSeek-V3 (aux-loss-free bias trained by the callback) against the
               model at EP 1 (all experts on every rank) under the same Trainer and callback.
-  resume      Trainer checkpoints every 2 steps; a new run from checkpoint-2, whose experts and
-              optimizer state were spoilt first, ends equal to the uninterrupted 4-step run.
+  resume      Trainer checkpoints every 2 steps; a new run from checkpoint-2, into a model whose every
+              tensor was spoilt first, ends equal to the uninterrupted 4-step run (Qwen3-MoE).
+  families    for every supported family: resume as above (checkpoints every step, resumed from
+              checkpoint-1), routers checked by name first; save_strategy="epoch" with
+              load_best_model_at_end and the first epoch the best: the model after train() and what
+              trainer.save_model writes are the best checkpoint, every tensor. For Mixtral, a
+              resume_from checkpoint differing from the resumed one in one replicated tensor in the
+              middle of the file is refused.
+  raises      Trainer runs raising in their second step (a callback, the forward, the backward, the
+              data) leave args.max_grad_norm as the user set it and no hook of the callback on the model.
   accelerate  an accelerate loop (prepare, accumulate, backward, step) equals the unmodified model's.
-  best        save_strategy="epoch" and load_best_model_at_end: the model after train() and what
-              trainer.save_model writes are the best checkpoint, experts included.
   no-callback trainer.save_model without the callback fails at once on rank 0, naming
               ep.hf.save_pretrained; plain DistributedDataParallel of the prepared model trains right.
 Prints "OK <check>" on rank 0.
@@ -33,7 +39,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import expert_parallel as ep
-from tests.hf_models import tiny_config, tiny_model
+from tests.hf_models import FAMILIES, tiny_config, tiny_model
 from tests.workers.hf_equivalence import expert_view
 
 L, PER_DEVICE, ACCUM, STEPS = 16, 2, 2, 3
@@ -117,8 +123,10 @@ def check_trainer(ctx: ep.DistContext, out: Path) -> None:
     ref = copy.deepcopy(base)
     train(ref, arguments(out / "ref"), ds)  # Trainer's own DDP on the unmodified model
     model = ep.hf.expert_parallelize(copy.deepcopy(base), ctx)
-    trainer = train(model, arguments(out / "ep"), ds, [ep.hf.ExpertParallelCallback(ctx)])
+    args = arguments(out / "ep")
+    trainer = train(model, args, ds, [ep.hf.ExpertParallelCallback(ctx)])
     assert compare(model, ref) > 10
+    assert args.max_grad_norm == 0.3, args.max_grad_norm  # the user's again after training
     trainer.save_model(str(out / "saved"))  # rank 0 writes what the callback gathered at the end
     dist.barrier()
     from transformers import AutoModelForCausalLM
@@ -150,56 +158,229 @@ def check_bias(ctx: ep.DistContext, out: Path) -> None:
             torch.testing.assert_close(b, r, rtol=0, atol=0)
 
 
-def check_resume(ctx: ep.DistContext, out: Path) -> None:
-    base = base_model("qwen3_moe")
-    ds = dataset(ctx, steps=4)
+def router_names(model: torch.nn.Module) -> list[str]:
+    """The family routers' parameters (weight; gpt-oss's bias) of every expert-parallel block."""
+    names = []
+    for block_name, block in model.named_modules():
+        if isinstance(block, ep.hf.ExpertParallelBlock):
+            router = block.family_router()
+            names += [f"{block_name}.{block.router_name}.{n}" for n, _ in router.named_parameters()]
+    return names
+
+
+def spoil(model: torch.nn.Module) -> None:
+    """Every parameter and persistent buffer made wrong (the same on every rank): what a resume or
+    a best-model reload must replace."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0).add_(0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(1.0)
+
+
+def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, rtol: float = 0.0) -> None:
+    """Every tensor of ``want`` equal to ``got``'s of the same name (bitwise unless ``rtol``)."""
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=rtol, atol=rtol / 10,
+                                   msg=lambda m, k=name: f"{what} {k}: {m}")
+
+
+def equal_runs(model: torch.nn.Module, ref: torch.nn.Module, what: str) -> None:
+    """Every parameter and DeepSeek's bias of two runs of one expert-parallel layout equal (1e-6);
+    the routers among them, checked by name."""
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    routers = router_names(ref)
+    assert routers, what
+    same(params, {n: ref_params[n] for n in routers}, f"{what} (router)", rtol=1e-6)  # named first
+    same(params, ref_params, what, rtol=1e-6)
+    biases = {n: b for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
+    same(dict(model.named_buffers()), biases, what, rtol=1e-6)
+
+
+ADAMW = {"optim": "adamw_torch", "learning_rate": 3e-3}  # optimizer state to resume
+
+
+def resume_family(ctx: ep.DistContext, out: Path, family: str, steps: int, every: int) -> None:
+    """Trainer checkpoints every ``every`` steps; a new run from checkpoint-``every``, into a model
+    whose every tensor was spoilt, ends equal to the uninterrupted run (routers included), and the
+    last checkpoint loads in plain transformers as the gathered model."""
+    base = base_model(family)
+    ds = dataset(ctx, steps=steps)
     whole = ep.hf.expert_parallelize(copy.deepcopy(base), ctx)
-    adamw = {"optim": "adamw_torch", "learning_rate": 3e-3}  # optimizer state to resume
-    train(whole, arguments(out / "whole", steps=4, **adamw), ds, [ep.hf.ExpertParallelCallback(ctx)])
+    train(whole, arguments(out / "whole", steps=steps, **ADAMW), ds, [ep.hf.ExpertParallelCallback(ctx)])
     part = ep.hf.expert_parallelize(copy.deepcopy(base), ctx)
-    train(part, arguments(out / "part", steps=4, save_strategy="steps", save_steps=2, **adamw), ds,
+    train(part, arguments(out / "part", steps=steps, save_strategy="steps", save_steps=every, **ADAMW), ds,
           [ep.hf.ExpertParallelCallback(ctx)])
     resumed = ep.hf.expert_parallelize(copy.deepcopy(base), ctx)
-    with torch.no_grad():  # what the checkpoint must replace
-        for name, p in resumed.named_parameters():
-            if ".moe.experts." in name:
-                p.mul_(-3.0)
-    train(resumed, arguments(out / "part", steps=4, **adamw), ds, [ep.hf.ExpertParallelCallback(ctx)],
-          resume=str(out / "part" / "checkpoint-2"))
-    for (name, p), (_, q) in zip(resumed.named_parameters(), whole.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, k=name: f"{k}: {m}")
-    for (name, p), (_, q) in zip(part.named_parameters(), whole.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, k=name: f"{k}: {m}")
+    spoil(resumed)
+    train(resumed, arguments(out / "part", steps=steps, **ADAMW), ds, [ep.hf.ExpertParallelCallback(ctx)],
+          resume=str(out / "part" / f"checkpoint-{every}"))
+    equal_runs(part, whole, f"{family} checkpointing run")
+    equal_runs(resumed, whole, f"{family} resumed run")
     from transformers import AutoModelForCausalLM  # a Trainer checkpoint is a transformers model
-    plain = AutoModelForCausalLM.from_pretrained(str(out / "part" / "checkpoint-4"))
-    mine = ep.hf.hf_state_dict(whole)
-    for name, value in plain.state_dict().items():
-        torch.testing.assert_close(value, mine[name], rtol=0, atol=0, msg=lambda m, k=name: f"{k}: {m}")
+    plain = AutoModelForCausalLM.from_pretrained(str(out / "part" / f"checkpoint-{steps}"))
+    same(ep.hf.hf_state_dict(whole), plain.state_dict(), f"{family} last checkpoint")
 
 
-def check_best(ctx: ep.DistContext, out: Path) -> None:
-    """save_strategy="epoch" with load_best_model_at_end: the model after train() is the best
-    checkpoint, experts included, and trainer.save_model writes it."""
-    base = base_model("qwen3_moe")
-    model = ep.hf.expert_parallelize(copy.deepcopy(base), ctx)
+def check_resume(ctx: ep.DistContext, out: Path) -> None:
+    resume_family(ctx, out, "qwen3_moe", steps=4, every=2)
+
+
+def first_is_best():  # type: ignore[no-untyped-def]
+    """A callback giving each evaluation a decreasing ``eval_order``: with
+    ``metric_for_best_model="order"`` the first checkpoint is the best, whatever the losses."""
+    from transformers import TrainerCallback
+
+    class FirstIsBest(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # type: ignore[no-untyped-def]
+            metrics["eval_order"] = -float(state.global_step)
+
+    return FirstIsBest()
+
+
+def best_family(ctx: ep.DistContext, out: Path, family: str, epochs: int = 2) -> None:
+    """save_strategy="epoch" with load_best_model_at_end (the first epoch's checkpoint the best):
+    the model after train() is the best checkpoint, every tensor as plain transformers loads it
+    (routers included, which differ in the last checkpoint), and trainer.save_model writes it."""
     from transformers import AutoModelForCausalLM, Trainer
-    args = arguments(out / "ep", steps=-1, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch",
-                     load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
-                     learning_rate=0.5)  # the highest eval loss: not the last epoch's model
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(ctx, steps=2), eval_dataset=Tokens(8, 64),
-                      callbacks=[ep.hf.ExpertParallelCallback(ctx)])
+    model = ep.hf.expert_parallelize(base_model(family), ctx)
+    args = arguments(out / "ep", steps=-1, num_train_epochs=epochs, eval_strategy="epoch",
+                     save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="order",
+                     greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(ctx, steps=1), eval_dataset=Tokens(8, 64),
+                      callbacks=[first_is_best(), ep.hf.ExpertParallelCallback(ctx)])
     trainer.train()
     best = trainer.state.best_model_checkpoint
-    assert best is not None and not best.endswith("checkpoint-6"), best
+    assert best is not None and best.endswith("checkpoint-1"), best
     saved = AutoModelForCausalLM.from_pretrained(best).state_dict()
-    mine = ep.hf.hf_state_dict(model)
-    for name, value in saved.items():
-        torch.testing.assert_close(mine[name], value, rtol=0, atol=0, msg=lambda m, k=name: f"{k}: {m}")
+    last = AutoModelForCausalLM.from_pretrained(str(out / "ep" / f"checkpoint-{epochs}")).state_dict()
+    routers = [n for n in router_names(model) if n in saved]
+    assert routers and all(not torch.equal(saved[n], last[n]) for n in routers), f"{family}: untrained"
+    same(ep.hf.hf_state_dict(model), saved, f"{family} after train()")
     trainer.save_model(str(out / "saved"))
     dist.barrier()
-    final = AutoModelForCausalLM.from_pretrained(str(out / "saved")).state_dict()
-    for name, value in saved.items():
-        torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=lambda m, k=name: f"{k}: {m}")
+    same(AutoModelForCausalLM.from_pretrained(str(out / "saved")).state_dict(), saved, f"{family} save_model")
+
+
+def tampered_copy(ctx: ep.DistContext, folder: Path, to: Path) -> None:
+    """A copy of a Trainer checkpoint (rank 0 writes it) with one replicated tensor in the middle of
+    the file changed: neither the embeddings nor the file's first or last tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    if ctx.rank == 0:
+        shutil.copytree(folder, to)
+        tensors = load_file(str(to / "model.safetensors"))
+        key = "model.layers.0.self_attn.q_proj.weight"
+        assert key in tensors and key not in (min(tensors), max(tensors)), sorted(tensors)
+        tensors[key] = tensors[key] + 1e-3
+        save_file(tensors, str(to / "model.safetensors"), metadata={"format": "pt"})
+    dist.barrier()
+
+
+def guard_refuses_other_checkpoint(ctx: ep.DistContext, out: Path, family: str) -> None:
+    """resume_from naming a checkpoint of the same step and layout that is not the one Trainer
+    resumed from (one replicated tensor differs) is refused on every rank before anything is loaded."""
+    tampered_copy(ctx, out / "part" / "checkpoint-1", out / "tampered")
+    model = ep.hf.expert_parallelize(base_model(family), ctx)
+    callback = ep.hf.ExpertParallelCallback(ctx, resume_from=out / "tampered")
+    try:
+        train(model, arguments(out / "other", steps=2, **ADAMW), dataset(ctx, steps=2), [callback],
+              resume=str(out / "part" / "checkpoint-1"))
+    except ValueError as e:
+        assert "is not the checkpoint Trainer resumed from" in str(e), e
+    else:
+        raise AssertionError(f"{family}: a checkpoint differing in one replicated tensor was accepted")
+
+
+def check_families(ctx: ep.DistContext, out: Path) -> None:
+    """resume (every tensor spoilt first) and best-model reload for every supported family, and the
+    checkpoint guard on a tensor in the middle of the file."""
+    for family in FAMILIES:
+        start = time.perf_counter()
+        resume_family(ctx, out / family / "resume", family, steps=2, every=1)
+        best_family(ctx, out / family / "best", family)
+        if family == "mixtral":
+            guard_refuses_other_checkpoint(ctx, out / family / "resume", family)
+        if ctx.rank == 0:
+            print(f"{family}: resume and best OK in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+class PlantedError(Exception):
+    """Raised on purpose in the middle of training."""
+
+
+class RaisingTokens(Tokens):
+    """Tokens whose fetches raise PlantedError after the first ``after`` (on each rank)."""
+
+    def __init__(self, n: int, vocab: int, after: int) -> None:
+        super().__init__(n, vocab)
+        self.after, self.calls = after, 0
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls > self.after:
+            raise PlantedError("data")
+        return super().__getitem__(i)
+
+
+def plant(model: torch.nn.Module, where: str) -> list:  # type: ignore[type-arg]
+    """Makes the second optimizer step raise PlantedError: in a callback's on_step_end, in the
+    forward or in the backward of its last micro-batch (the one Trainer clips after). Returns the
+    callbacks to add."""
+    from transformers import TrainerCallback
+    calls = [0]
+
+    def count() -> bool:  # the 4th training micro-batch: step 2's last (accumulation 2)
+        calls[0] += 1
+        return calls[0] == 2 * ACCUM
+
+    def raising(*_: object) -> None:
+        raise PlantedError(where)
+
+    class RaiseAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 2:
+                raise PlantedError(where)
+
+    if where == "forward":
+        layer = model.get_submodule("model.layers.1")
+        layer.register_forward_pre_hook(lambda m, i: raising() if m.training and count() else None)
+    if where == "backward":
+        def hook_gradient(m: torch.nn.Module, i: object, o: torch.Tensor) -> None:
+            if m.training and count():
+                o.register_hook(raising)  # the final norm's output gradient: mid-backward
+        model.get_submodule("model.norm").register_forward_hook(hook_gradient)
+    return [RaiseAtStep2()] if where == "callback" else []
+
+
+def check_raises(ctx: ep.DistContext, out: Path) -> None:
+    """A Trainer run that raises in its second step (in a callback, the forward, the backward, the
+    data) leaves args.max_grad_norm as the user set it and the model without the callback's hooks: a
+    forward and backward of the user's own afterwards leaves it so too; a run that ends normally as
+    well."""
+    for where in ("callback", "forward", "backward", "data"):
+        model = ep.hf.expert_parallelize(base_model("qwen3_moe"), ctx)
+        args = arguments(out / where, steps=3)
+        ds = dataset(ctx)
+        if where == "data":  # this rank's first step's samples, then an error
+            ds = RaisingTokens(len(ds), tiny_config("qwen3_moe").vocab_size, after=PER_DEVICE * ACCUM)
+        try:
+            train(model, args, ds, [*plant(model, where), ep.hf.ExpertParallelCallback(ctx)])
+        except PlantedError:
+            pass
+        else:
+            raise AssertionError(f"{where}: PlantedError was not raised")
+        assert args.max_grad_norm == 0.3, (where, args.max_grad_norm)
+        assert not model._forward_hooks, (where, model._forward_hooks)
+        ids = dataset(ctx).ids[:2]
+        model.train()(input_ids=ids, labels=ids).loss.backward()  # the user's own step afterwards
+        assert args.max_grad_norm == 0.3, (where, args.max_grad_norm)
+    model = ep.hf.expert_parallelize(base_model("qwen3_moe"), ctx)
+    args = arguments(out / "normal", steps=2)
+    train(model, args, dataset(ctx, steps=2), [ep.hf.ExpertParallelCallback(ctx)])
+    assert args.max_grad_norm == 0.3 and not model._forward_hooks, args.max_grad_norm
 
 
 def accelerate_loop(model: torch.nn.Module, ds: Tokens) -> None:
@@ -253,8 +434,9 @@ def check_no_callback(ctx: ep.DistContext, out: Path) -> None:
     assert not (out / "saved" / "model.safetensors").exists()
 
 
-CHECKS = {"trainer": check_trainer, "bias": check_bias, "resume": check_resume, "best": check_best,
-          "accelerate": check_accelerate, "no-callback": check_no_callback}
+CHECKS = {"trainer": check_trainer, "bias": check_bias, "resume": check_resume,
+          "accelerate": check_accelerate, "no-callback": check_no_callback, "families": check_families,
+          "raises": check_raises}
 
 
 def main() -> int:
