@@ -42,6 +42,7 @@ from .integrations.checkpoint import (
 from .integrations.ddp import data_parallel, prepare_ddp
 from .integrations.deepspeed import prepare_for_deepspeed
 from .integrations.fsdp import fully_shard
+from .join import join
 from .layer import MoE, configure_debug
 from .ops.dispatch import CommReport
 from .ops.experts import FeedForward
@@ -98,6 +99,7 @@ __all__ = [
     "grad_norm",
     "import_single_device",
     "init_distributed",
+    "join",
     "latest_checkpoint",
     "launch_env",
     "load_checkpoint",

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from .comm.ddp_sync import ExpertReplicas, LayerSync, ddp_world_size
@@ -26,7 +25,7 @@ from .comm.distributed import (
     receives,
     unsharded,
 )
-from .comm.exchange import AllToAllDispatcher, HierarchicalDispatcher, guarded, health_group
+from .comm.exchange import AllToAllDispatcher, HierarchicalDispatcher, register_layer
 from .config import MoEConfig
 from .ops.dispatch import CallInfo, Dispatcher, LocalDispatcher
 from .ops.experts import FeedForward, GroupedExperts, RngSnapshot, draw_base_seed
@@ -42,6 +41,12 @@ from .ops.losses import (
 )
 from .ops.plan import RoutingPlan, expert_choice_plan, soft_plan, token_choice_plan
 from .ops.precision import autocast_on, compute_dtype
+from .ops.private import (
+    active_ddp_module,
+    current_graph_task_id,
+    ddp_managed_parameters,
+    non_persistent_buffer_names,
+)
 from .ops.routing import (
     ExpertChoiceRouter,
     TopKRouter,
@@ -71,7 +76,7 @@ UNREDUCED_DDP = ("is inside a DistributedDataParallel that ignores its experts, 
 def in_backward() -> bool:
     """True while autograd runs a backward pass: a checkpointed forward being recomputed
     (torch.utils.checkpoint, reentrant or not), whose side effects happened already."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and current_graph_task_id() != -1
 
 
 def make_dispatcher(cfg: MoEConfig, ep_group: ProcessGroup, ranks_per_node: int | None) -> Dispatcher:
@@ -86,6 +91,25 @@ def make_dispatcher(cfg: MoEConfig, ep_group: ProcessGroup, ranks_per_node: int 
                          f"{dist.get_process_group_ranks(ep_group)} with {per_node} ranks per node are not")
     check_node_layout(ep_group, P, from_launcher=ranks_per_node is None)
     return HierarchicalDispatcher(ep_group, cfg.num_experts, P)
+
+
+_NO_GROUP = object()  # ep_group not given: one device
+
+
+def _checked_group(ep_group: ProcessGroup | object | None) -> ProcessGroup | None:
+    """The expert-parallel group ``MoE(ep_group=...)`` got; ValueError for an explicit None while
+    torch.distributed is not initialised: that is ``dist.group.WORLD`` read before
+    ``init_distributed``, which would silently build a one-process layer."""
+    if ep_group is _NO_GROUP:
+        return None
+    if ep_group is None and not dist.is_initialized():
+        raise ValueError("MoE(ep_group=None) before torch.distributed is initialised: dist.group.WORLD "
+                         "is None until init_process_group runs. Call ctx = ep.init_distributed(...) first "
+                         "and pass ep_group=ctx.ep_group; for a one-device layer pass no ep_group at all")
+    if ep_group is not None and not isinstance(ep_group, ProcessGroup):
+        raise ValueError(f"MoE ep_group must be a torch.distributed ProcessGroup (ctx.ep_group), got "
+                         f"{type(ep_group).__name__}")
+    return ep_group
 
 
 class MoE(nn.Module):
@@ -116,11 +140,15 @@ class MoE(nn.Module):
             at construction checks all three.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | None = None,
+    # Marks the layers whose ``experts`` hold this rank's share of the experts (ep.sync_gradients,
+    # the wrappers and checkpoints find expert parameters by it, whatever module ``experts`` is).
+    expert_parallel_layer = True
+
+    def __init__(self, cfg: MoEConfig, ep_group: ProcessGroup | object | None = _NO_GROUP,
                  ranks_per_node: int | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self._build(cfg, ep_group, ranks_per_node)
+            self._build(cfg, _checked_group(ep_group), ranks_per_node)
 
     def _build(self, cfg: MoEConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None) -> None:
         """The constructor's work on the default device (``device=``'s, when given)."""
@@ -159,9 +187,31 @@ class MoE(nn.Module):
         if not self.router.weight.is_meta:
             self.check_replicas()
         self.dispatcher: Dispatcher = LocalDispatcher()
+        self.layer_id = 0  # its number among the expert-parallel layers on its ranks
+        self.joined = False  # inside ep.join: training forwards are refused
         if ep_group is not None and self.ep_size > 1:
             self.dispatcher = make_dispatcher(cfg, ep_group, ranks_per_node)
+            self.layer_id = register_layer(ep_group, self)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> MoE:
+        """``copy.deepcopy``: parameters, buffers and config of its own; the process groups shared.
+
+        Process groups cannot be copied, and the copy exchanges tokens with the same peers: it keeps
+        every attribute that is or holds a group (``ep_group``, the dispatcher, ``ddp_replicas``,
+        DeepSpeed's ``ep_context``). The bookkeeping of a running backward under DDP starts empty.
+        """
+        import copy
+
+        for value in self.__dict__.values():
+            held = getattr(value, "__dict__", {}).values()
+            if isinstance(value, ProcessGroup) or any(isinstance(v, ProcessGroup) for v in held):
+                memo[id(value)] = value
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__dict__, memo))
+        clone._ddp_sync_state = LayerSync()
+        return clone
 
     def check_replicas(self) -> None:
         """Raises ValueError unless every rank of the expert-parallel group has the same config,
@@ -184,12 +234,13 @@ class MoE(nn.Module):
         middle of its forward."""
         state: dict[str, Tensor] = {}
         for name, module in self.named_modules():
-            if isinstance(module, GroupedExperts):
+            if name == "experts" or name.startswith("experts."):  # whatever module holds them
                 continue
             prefix = f"{name}." if name else ""
-            state.update({prefix + n: p for n, p in module._parameters.items() if p is not None})
-            state.update({prefix + n: b for n, b in module._buffers.items()
-                          if b is not None and n not in module._non_persistent_buffers_set})
+            own = {"recurse": False, "remove_duplicate": False}
+            state.update({prefix + n: p for n, p in module.named_parameters(**own)})
+            left_out = non_persistent_buffer_names(module)
+            state.update({prefix + n: b for n, b in module.named_buffers(**own) if n not in left_out})
         return state
 
     def reset_parameters(self) -> None:
@@ -243,10 +294,15 @@ class MoE(nn.Module):
         if not in_backward() and not torch.compiler.is_compiling():
             self.calls += 1
         compiling = torch.compiler.is_compiling()  # errors then name the call 0: no guard on calls
-        info = CallInfo(self.layer_name, 0 if compiling else self.calls, self.check_splits)
-        if B * L == 0 and self.ep_size == 1:  # with peers, an empty rank still joins the exchange
-            return self._reduced_under_ddp(x_BLD * 0, ddp_sync), empty_aux(self.cfg.num_experts, x_BLD.device)
-        S = group_size(self.cfg, B, L)
+        info = CallInfo(self.layer_name, 0 if compiling else self.calls, self.check_splits, self.layer_id,
+                        joined=self.joined)
+        if self.joined:
+            self._check_forward_only(x_BLD)
+        # No early return for a batch without tokens: every parameter (router, experts, shared
+        # experts) takes part in the graph with a zero gradient, as DistributedDataParallel's buckets
+        # and FSDP2's collectives need, and with peers the rank still joins the exchange. Its one
+        # empty group has S = 1, whatever examples_per_group would ask of L = 0.
+        S = group_size(self.cfg, B, L) if B * L else 1
         x_TD = x_BLD.reshape(B * L, D)
         # The record_function scopes name the phases in profiles (`expert-parallel bench --profile`).
         with record_function("moe/router"):
@@ -256,7 +312,7 @@ class MoE(nn.Module):
                 self._check_router_logits(router_logits, B * L)
                 logits_GSE = router_logits.to(self.cfg.router_dtype).reshape(-1, S, router_logits.shape[-1])
         if self.check_finite:
-            self._check_finite(x_TD, logits_GSE, info)
+            info = self._check_finite(x_TD, logits_GSE, info)
         rows_TD = x_TD.to(compute_dtype(x_TD))  # a no-op without autocast
         with record_function("moe/plan"):
             # One process pads a capacity plan where the expert GEMMs take device offsets: no
@@ -347,10 +403,10 @@ class MoE(nn.Module):
             return self._ddp_sync_last
         self._ddp_sync_state.reset()
         self._ddp_sync_last = False
-        ddp = DistributedDataParallel._get_active_ddp_module()
+        ddp = active_ddp_module()
         if ddp is None:
             return False
-        managed = {id(p) for p in getattr(ddp, "_module_parameters", ())}
+        managed = {id(p) for p in ddp_managed_parameters(ddp)}
         if any(id(p) in managed for p in self.experts.parameters()):
             if self.ep_size == 1:  # replicated experts: DDP's usual work is right for them
                 return False
@@ -373,6 +429,8 @@ class MoE(nn.Module):
 
     @torch.compiler.disable
     def _queue_reduction(self, y_BLD: Tensor) -> None:
+        """Queues the experts' reduction once per backward, for the end of its outermost pass, however
+        many times (and under whatever activation checkpointing) the layer runs (comm/ddp_sync.py)."""
         assert self.ddp_replicas is not None
         params = [p for p in self.experts.parameters() if p.requires_grad]
         self._ddp_sync_state.reduce_at_end_of_backward(params, self.ddp_replicas, y_BLD)
@@ -386,17 +444,26 @@ class MoE(nn.Module):
             y_TD = y_TD * torch.sigmoid(self.shared_gate(x_TD))
         return y_TD
 
-    def _check_finite(self, x_TD: Tensor, logits_GSE: Tensor, info: CallInfo) -> None:
-        """Raises FloatingPointError on NaN/Inf; decided together by the EP group, so no rank hangs."""
-        bad = torch.stack([~torch.isfinite(x_TD).all(), ~torch.isfinite(logits_GSE).all()]).float()
-        if self.ep_group is not None and self.ep_size > 1:
-            guarded(info, "finite check", "NaN/Inf flags", self.ep_group,
-                    lambda: dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ep_group),
-                    health_group(self.ep_group))
-        if bad.any():
-            where = "the input" if bad[0] else "the router logits"
-            raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {where} "
-                                     f"(on this rank or a peer of its expert-parallel group)")
+    def _check_finite(self, x_TD: Tensor, logits_GSE: Tensor, info: CallInfo) -> CallInfo:
+        """Raises FloatingPointError on NaN/Inf. With peers, the flags travel in the count exchange
+        (``info.flags``), where every rank of the group raises alike, so no rank hangs."""
+        flags = (~torch.isfinite(x_TD).all()).long() + 2 * (~torch.isfinite(logits_GSE).all()).long()
+        if self.ep_size > 1:
+            return replace(info, flags=flags)
+        bad = int(flags)  # NOTE: host-device sync (opt-in debug check)
+        if bad:
+            where = "the input" if bad & 1 else "the router logits"
+            raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {where}")
+        return info
+
+    def _check_forward_only(self, x_BLD: Tensor) -> None:
+        """Inside ep.join: a training forward (train mode with grad enabled) is refused at once,
+        on every rank alike (a finished rank could not serve its backward)."""
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(f"{self.layer_name}: a training forward (train mode, grad enabled) inside "
+                               f"ep.join, which serves forward-only loops (evaluation, generation, "
+                               f"torch.no_grad); train with the same number of batches on every rank, "
+                               f"or call model.eval() / torch.no_grad() for a forward-only loop")
 
     # ---- checkpoints in the single-device layout ----
     def full_state_dict(self, to_rank: int | None = None) -> dict[str, Tensor]:
@@ -406,6 +473,7 @@ class MoE(nn.Module):
         the result (all-gathers); else only global rank ``to_rank`` does: the experts are sent to it
         one tensor at a time, the other ranks get ``{}`` and hold nothing more than their own.
         """
+        self._check_expert_layout("full_state_dict")
         keeps = receives(to_rank)
         full: dict[str, Tensor] = {}
         for name, value in self.state_dict().items():
@@ -427,6 +495,7 @@ class MoE(nn.Module):
         Raises:
             ValueError: a key is missing or unexpected, or a tensor has the wrong shape.
         """
+        self._check_expert_layout("load_full_state_dict")
         own = self.state_dict()
         missing, extra = sorted(set(own) - set(full_sd)), sorted(set(full_sd) - set(own))
         if missing or extra:
@@ -441,6 +510,16 @@ class MoE(nn.Module):
                                  f"expected {tuple(expected)}")
             local[name] = value[first:first + count] if name.startswith("experts.") else value
         self.load_state_dict(local)
+
+    def _check_expert_layout(self, what: str) -> None:
+        """ValueError where ``experts`` is no longer a GroupedExperts (replaced by the user) in a
+        layer with peers: the single-device layout stacks GroupedExperts' [e, ...] rows over the
+        ranks, which says nothing of another module's tensors."""
+        if self.ep_size > 1 and not isinstance(self.experts, GroupedExperts):
+            raise ValueError(f"{self.layer_name}.{what}: experts is a {type(self.experts).__name__}, not the "
+                             f"layer's GroupedExperts, so the single-device layout of its tensors is "
+                             f"unknown; gather your module's state yourself, or keep moe.experts a "
+                             f"GroupedExperts")
 
     def _check_router_logits(self, logits: Tensor, tokens: int) -> None:
         outputs = self.router.weight.shape[0]

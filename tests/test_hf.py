@@ -51,6 +51,14 @@ def test_fully_shard_trains_every_family_like_the_unmodified_model() -> None:
     assert f"ALL OK {len(FAMILIES)} families with 4 ranks, ep_size 2" in out, out[-3000:]
 
 
+def test_generate_gives_the_unmodified_tokens_when_ranks_stop_at_different_steps(tmp_path: Path) -> None:
+    """Different max_new_tokens, prompt lengths under one max_length, an EOS one rank reaches first:
+    no argument from the user, the unmodified model's tokens on every rank (Mixtral, Qwen3-MoE,
+    DeepSeek-V3, and a model read by ep.hf.from_pretrained)."""
+    out = torchrun(2, "hf_generate.py", str(tmp_path / "saved"), timeout=300)
+    assert out.count("ALL OK") == 2, out[-3000:]
+
+
 def test_a_model_without_moe_blocks_is_refused() -> None:
     import transformers as tf
     model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(

@@ -20,8 +20,8 @@ import pytest
 import expert_parallel
 
 PACKAGE = Path(expert_parallel.__file__).parent
-LAYER_OF_PART = {"config": 1, "ops": 2, "comm": 3, "layer": 4, "integrations": 5, "hf": 5, "apps": 6,
-                 "__main__": 6}
+LAYER_OF_PART = {"config": 1, "ops": 2, "comm": 3, "layer": 4, "join": 4, "integrations": 5, "hf": 5,
+                 "apps": 6, "__main__": 6}
 PROGRAM_ONLY = ("numpy", "tqdm", "matplotlib")
 
 

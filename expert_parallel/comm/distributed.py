@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .watchdog import start_stall_reporter
@@ -50,7 +50,13 @@ class DistContext:
         launcher: what started the process: "torchrun", "deepspeed", "mpi", "slurm" or "none".
         backend: the backend of the data collectives, "gloo" or "nccl" (an NCCL job's groups also
             carry gloo for CPU tensors: "cpu:gloo,cuda:nccl").
-        mesh: the 2-D DeviceMesh with dims ("dp", "ep").
+        mesh: the 2-D DeviceMesh with dims ("dp", "ep"), over the groups above.
+        world_group: a group of the library's own over every rank of the job, for the job-wide
+            collectives of the library (gradient sums, norms, checkpoints, saves).
+
+    Every group here is the library's own, also where it spans the whole job: a collective the user
+    runs on the default group (or on any group of theirs) can never pair with one of the library's,
+    whatever order the ranks run them in.
     """
 
     rank: int
@@ -66,6 +72,7 @@ class DistContext:
     launcher: str
     backend: str
     mesh: DeviceMesh
+    world_group: ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -368,12 +375,60 @@ def init_distributed(ep_size: int | None = None, backend: str | None = None,
         # names the layer of a collective whose peer is gone (docs/reliability.md); an adopted
         # group's own timeout is not known here, so the reporter waits for one to be given
         start_stall_reporter(_JOB_TIMEOUT[0].total_seconds(), rank)
-    # NOTE: collective: device_mesh creates the dp and ep sub-groups on every rank.
-    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    groups = own_groups(world, ep, rank)
+    mesh = DeviceMesh.from_group([groups.dp, groups.ep], device.type,
+                                 mesh=torch.arange(world).view(world // ep, ep), mesh_dim_names=("dp", "ep"))
+    _JOB_GROUP[:] = [(dist.group.WORLD, groups.world)]
     return DistContext(
         rank=rank, world_size=world, local_rank=local_rank, device=device, ep_size=ep,
-        dp_size=world // ep, ep_rank=rank % ep, dp_rank=rank // ep, ep_group=mesh.get_group("ep"),
-        dp_group=mesh.get_group("dp"), launcher=launch.launcher, backend=backend, mesh=mesh)
+        dp_size=world // ep, ep_rank=rank % ep, dp_rank=rank // ep, ep_group=groups.ep,
+        dp_group=groups.dp, launcher=launch.launcher, backend=backend, mesh=mesh, world_group=groups.world)
+
+
+@dataclass(frozen=True)
+class OwnGroups:
+    """This rank's expert-parallel and data-parallel groups and the job-wide group, all new."""
+
+    ep: ProcessGroup
+    dp: ProcessGroup
+    world: ProcessGroup
+
+
+def own_groups(world: int, ep: int, rank: int) -> OwnGroups:
+    """Creates the (dp, ep) layout's groups and a job-wide group, as new process groups.
+
+    ``init_device_mesh`` hands back the default group for a mesh dimension that spans the job (the
+    expert-parallel group when ep_size is the world size), where a user's own collective could pair
+    with one of the library's once the ranks' call sequences differ; new groups never do. Every rank
+    creates every group, in the same order (``new_group``'s contract).
+    NOTE: collectives (one store rendezvous per group, at start-up only).
+    """
+    ep_groups = [_new_group(list(range(d * ep, (d + 1) * ep))) for d in range(world // ep)]
+    dp_groups = [_new_group(list(range(j, world, ep))) for j in range(ep)]
+    job = _new_group(list(range(world)))
+    return OwnGroups(ep=ep_groups[rank // ep], dp=dp_groups[rank % ep], world=job)
+
+
+def _new_group(ranks: list[int]) -> ProcessGroup:
+    made = dist.new_group(ranks, timeout=job_timeout())  # NOTE: collective (group creation)
+    assert made is not None  # every rank creates every group, so each gets a handle (or a non-member)
+    return made
+
+
+# The job-wide group of init_distributed, with the default group it was made under (a group of an
+# earlier, destroyed default group is never handed out).
+_JOB_GROUP: list[tuple[ProcessGroup | None, ProcessGroup]] = []
+
+
+def job_group() -> ProcessGroup | None:
+    """The library's job-wide group: init_distributed's ``ctx.world_group``; the default group
+    where init_distributed did not run (a job that made its own groups); None without a process
+    group."""
+    if not dist.is_initialized():
+        return None
+    if _JOB_GROUP and _JOB_GROUP[0][0] is dist.group.WORLD:
+        return _JOB_GROUP[0][1]
+    return dist.group.WORLD
 
 
 def group_size_and_rank(group: ProcessGroup | None) -> tuple[int, int]:

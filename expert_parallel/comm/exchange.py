@@ -14,6 +14,7 @@ The way back is the mirror image. Gradients flow through both exchanges (``_AllT
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,10 +47,34 @@ class CollectiveError(RuntimeError):
     """A collective of an MoE call failed or timed out; the message says which layer, call and phase."""
 
 
-# One gloo group per set of ranks, shared by every layer on those ranks. Process groups are
-# process-wide by nature (torch keeps its own registry); an entry made under an earlier default
-# group (destroyed and initialised again) is never reused.
-_HEALTH_GROUPS: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {}
+@dataclass
+class _RanksState:
+    """What the library keeps per set of expert-parallel ranks: the default group it was made under,
+    the health group, and the expert-parallel layers built on those ranks by number."""
+
+    world: ProcessGroup
+    health: ProcessGroup
+    layers: weakref.WeakValueDictionary[int, Any] = field(default_factory=weakref.WeakValueDictionary)
+    built: int = 0
+
+
+# One entry per set of ranks, shared by every layer on those ranks. Process groups are process-wide
+# by nature (torch keeps its own registry); an entry made under an earlier default group (destroyed
+# and initialised again) is never reused.
+_HEALTH_GROUPS: dict[tuple[int, ...], _RanksState] = {}
+
+
+def _ranks_state(group: ProcessGroup) -> _RanksState:
+    ranks = tuple(dist.get_process_group_ranks(group))
+    world = dist.group.WORLD
+    cached = _HEALTH_GROUPS.get(ranks)
+    if cached is not None and cached.world is world:
+        return cached
+    # NOTE: collective among the group's ranks only (a store-based rendezvous).
+    made = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    assert world is not None and made is not None  # a process group exists: we are inside one
+    _HEALTH_GROUPS[ranks] = _RanksState(world, made)
+    return _HEALTH_GROUPS[ranks]
 
 
 def health_group(group: ProcessGroup) -> ProcessGroup:
@@ -60,22 +85,38 @@ def health_group(group: ProcessGroup) -> ProcessGroup:
     group, not one per layer. Its monitored
     barrier still reaches every live rank after a data collective failed, and names the others.
     """
-    ranks = tuple(dist.get_process_group_ranks(group))
-    world = dist.group.WORLD
-    cached = _HEALTH_GROUPS.get(ranks)
-    if cached is not None and cached[0] is world:
-        return cached[1]
-    # NOTE: collective among the group's ranks only (a store-based rendezvous).
-    made = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
-    assert world is not None and made is not None  # a process group exists: we are inside one
-    _HEALTH_GROUPS[ranks] = (world, made)
-    return made
+    return _ranks_state(group).health
+
+
+def register_layer(group: ProcessGroup, layer: Any) -> int:
+    """Numbers an expert-parallel layer on ``group``'s ranks: 1, 2, ... in construction order.
+
+    Expert-parallel layers are built on every rank of their group in the same order (their
+    construction is collective), so a number names the same layer on every rank; the count exchange
+    sends it, and ``ep.join`` finds by it the layer a peer is running. ``layer`` is held weakly.
+    """
+    state = _ranks_state(group)
+    state.built += 1
+    state.layers[state.built] = layer
+    return state.built
+
+
+def layers_on(group: ProcessGroup) -> dict[int, Any]:
+    """The live expert-parallel layers on ``group``'s ranks, by number."""
+    return dict(_ranks_state(group).layers)
 
 
 def forget_groups() -> None:
     """Drops the cached health groups and sub-groups (at shutdown: they hold no process group then)."""
     _HEALTH_GROUPS.clear()
     _SUBGROUPS.clear()
+
+
+NOT_LOCKSTEP = ("if every rank is alive, the ranks probably run different numbers of MoE forwards "
+                "(uneven evaluation batches, generate() stopping at different steps, a rank with no "
+                "batch) or a peer is inside a collective of its own: run such loops inside "
+                "`with ep.join(model):`, give every rank the same number of batches, or let "
+                "generate() run synced (docs/reliability.md, 'When ranks do different things')")
 
 
 def _unresponsive_ranks(health: ProcessGroup | None) -> str:
@@ -104,7 +145,7 @@ def guarded(info: CallInfo, phase: str, detail: str, group: ProcessGroup, fn: Ca
             raise
         where = f"{info.layer} call {info.call}, {phase} ({detail}) on rank {dist.get_rank()}"
         raise CollectiveError(f"{where} failed: {str(err).splitlines()[0]}"
-                              f"{_unresponsive_ranks(health)}") from err
+                              f"{_unresponsive_ranks(health)}; {NOT_LOCKSTEP}") from err
 
 
 class _AllToAll(torch.autograd.Function):
@@ -128,6 +169,10 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.info.joined:
+            raise RuntimeError(f"{ctx.info.layer} call {ctx.info.call}: backward through a forward that ran "
+                               f"inside ep.join, whose finished ranks serve forwards only; train with "
+                               f"the same number of batches on every rank (docs/reliability.md)")
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
         detail = f"sending gradient rows {out_splits}, receiving {in_splits}"
@@ -179,7 +224,85 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
                               f"{problem or 'a peer found mismatched split sizes or call order'}")
 
 
-class AllToAllDispatcher:
+# The header of every rank's row in the count exchange: where the rank is in its call sequence.
+HEADER = 5  # layer number, call number, phase, NaN/Inf flags, code of the rows' dtype
+FORWARD, SERVING = 1, 2  # phases: a forward of the layer; a finished rank serving inside ep.join
+ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def with_header(counts: Tensor, info: CallInfo, phase: int, dtype: torch.dtype) -> Tensor:
+    """``counts`` after this rank's header (int64, on the counts' device)."""
+    head = counts.new_zeros(HEADER)  # filled on the device: no host-to-device copy
+    head[0], head[1], head[2] = info.layer_id, info.call, phase
+    head[4] = ROW_DTYPES.index(dtype) if dtype in ROW_DTYPES else len(ROW_DTYPES)
+    if info.flags is not None:
+        head[3] = info.flags
+    return torch.cat([head, counts])
+
+
+class CountExchange:
+    """The count exchange of a dispatcher: every rank's header and counts, all-gathered, or the
+    table ``ep.join``'s serving rank gathered already (``preset``, taken once)."""
+
+    group: ProcessGroup
+    health: ProcessGroup | None
+    preset: Tensor | None = None
+
+    def gathered(self, mine: Tensor, info: CallInfo) -> Tensor:
+        """[R, C]: every rank's header and counts (``mine``: this rank's [C])."""
+        preset, self.preset = self.preset, None
+        return preset if preset is not None else gather_counts(mine, info, self.group, self.health)
+
+
+def checked_counts(host: list[list[int]], info: CallInfo, group: ProcessGroup) -> list[list[int]]:
+    """The host copy of the count table without its headers, after :func:`check_positions`: raises
+    on every rank alike when the ranks are in different calls, send rows of different dtypes or one
+    flagged NaN/Inf. (The host read itself stays in the dispatcher: under torch.compile each frame
+    between the layer and the read adds a graph break.)"""
+    check_positions([row[:HEADER] for row in host], info, group)
+    return [row[HEADER:] for row in host]
+
+
+def gather_counts(mine: Tensor, info: CallInfo, group: ProcessGroup, health: ProcessGroup | None) -> Tensor:
+    """[R, C]: every rank's header and counts (``mine``: this rank's [C])."""
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    # NOTE: collective: all-gather of the headers and counts over the expert-parallel group.
+    guarded(info, "count exchange", f"{mine.numel() - HEADER} counts", group,
+            lambda: dist.all_gather(gathered, mine, group=group), health)
+    return torch.stack(gathered)
+
+
+def check_positions(heads: list[list[int]], info: CallInfo, group: ProcessGroup) -> None:
+    """Raises the same error on every rank of the exchange (each holds the same headers) when the
+    ranks that run a forward are in different layers or calls (call 0, a compiled call, matches
+    any), send rows of different dtypes, or one of them flagged NaN/Inf in its input or logits."""
+    ranks = dist.get_process_group_ranks(group)
+    active = [h for h in heads if h[2] != SERVING]
+    calls = {h[1] for h in active if h[1]}
+    if len({h[0] for h in active}) > 1 or len(calls) > 1 or len({h[4] for h in active}) > 1:
+        layers = layers_on(group)
+        where = "; ".join(f"rank {r}: {_position(h, layers)}" for r, h in zip(ranks, heads, strict=True))
+        raise CollectiveError(f"{info.layer} call {info.call}, count exchange: ranks are in different MoE "
+                              f"calls ({where}): the layers are called in a different order or a "
+                              f"different number of times on different ranks; {NOT_LOCKSTEP}")
+    flagged = [(r, h[3]) for r, h in zip(ranks, heads, strict=True) if h[3]]
+    if flagged:
+        what = "the input" if any(f & 1 for _, f in flagged) else "the router logits"
+        raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {what} on rank "
+                                 f"{', '.join(str(r) for r, _ in flagged)} of the expert-parallel group")
+
+
+def _position(head: list[int], layers: dict[int, Any]) -> str:
+    """One rank's place in its call sequence, from its header."""
+    if head[2] == SERVING:
+        return "finished, serving its peers inside ep.join"
+    layer = layers.get(head[0])
+    name = f"{layer.layer_name!r} " if layer is not None else ""
+    dtype = ROW_DTYPES[head[4]] if head[4] < len(ROW_DTYPES) else "other"
+    return f"layer {name}(#{head[0]}) call {head[1] or '? (compiled)'}, rows {dtype}"
+
+
+class AllToAllDispatcher(CountExchange):
     """Dispatcher over an expert-parallel group of R ranks, each holding E / R experts."""
 
     def __init__(self, group: ProcessGroup, num_experts: int, ranks_per_node: int = 0) -> None:
@@ -191,6 +314,7 @@ class AllToAllDispatcher:
         # made now rather than at the first exchange, where a late or dead peer would turn the
         # rendezvous into an unnamed store error (and group creation would sit inside a compiled step).
         self.health = health_group(group)
+        self.count_width = HEADER + 2 * num_experts  # one rank's row in the count exchange
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Gathers the rows of the plan and moves each to the rank that owns its expert."""
@@ -209,19 +333,18 @@ class AllToAllDispatcher:
     def _exchange(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo) -> Dispatched:
         """Counts all-gather, then exactly the kept rows to their experts' ranks (variable splits)."""
         R, e, D = self.R, self.e, x_TD.shape[-1]
-        # 1. Count exchange: every rank learns every rank's per-expert kept (and selected) counts.
+        # 1. Count exchange: every rank learns every rank's per-expert kept (and selected) counts,
+        # after a header that says where each rank is (a mismatch raises on every rank).
         mine_2E = torch.cat([plan.counts_E, plan.selected_E])
-        gathered = [torch.empty_like(mine_2E) for _ in range(R)]
-        # NOTE: collective: all-gather of the [2E] counts over the expert-parallel group.
-        guarded(info, "count exchange", f"{2 * plan.num_experts} counts", self.group,
-                lambda: dist.all_gather(gathered, mine_2E, group=self.group), self.health)
-        counts_RE, selected_RE = torch.stack(gathered).split(plan.num_experts, dim=1)
-        recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
+        table_RC = self.gathered(with_header(mine_2E, info, FORWARD, x_TD.dtype), info)
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        table = read_on_host(counts_RE, f"{info.layer} call {info.call}, count exchange (reading the counts)")
+        host = read_on_host(table_RC, f"{info.layer} call {info.call}, count exchange (reading the counts)")
+        table = checked_counts(host, info, self.group)
+        counts_RE, selected_RE = table_RC[:, HEADER:].split(plan.num_experts, dim=1)
+        recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         mine = slice(self.rank * e, (self.rank + 1) * e)
         send_rows = [sum(table[self.rank][q * e:(q + 1) * e]) for q in range(R)]
-        recv_rows = [sum(row[mine]) for row in table]
+        recv_rows = [sum(row[:plan.num_experts][mine]) for row in table]
         # 2. Variable-size all-to-all of exactly the kept rows (a padded plan cut to them: their
         # number came with the table).
         plan = plan.truncated(sum(send_rows))
@@ -233,7 +356,7 @@ class AllToAllDispatcher:
                             control_bytes=R * mine_2E.numel() * 8, rank=self.rank, ranks_per_node=self.P)
         ex = ExchangeState(send_rows, recv_rows, info)
         return Dispatched(recv, recv_Re, plan, counts_E_global=counts_RE.sum(0), comm=report,
-                          exchange=ex, counts_host=[c for row in table for c in row[mine]],
+                          exchange=ex, counts_host=[c for row in table for c in row[:plan.num_experts][mine]],
                           selected_E_global=selected_RE.sum(0))
 
 
@@ -281,7 +404,7 @@ class NodeExchangeState(ExchangeState):
     gate_H: Tensor | None = None
 
 
-class HierarchicalDispatcher:
+class HierarchicalDispatcher(CountExchange):
     """Dispatcher over V nodes of P ranks that sends each token to each remote node at most once.
 
     Rank r = v·P + j (node v, local index j). Dispatch: (1) one all-gather of every rank's per-expert
@@ -303,6 +426,7 @@ class HierarchicalDispatcher:
         self.rail = subgroup([ranks[v * self.P + self.local] for v in range(self.V)], group)
         self.intra = subgroup(ranks[self.node * self.P:(self.node + 1) * self.P], group)
         self.health = health_group(group)
+        self.count_width = HEADER + 2 * num_experts + self.V
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, info: CallInfo | None = None) -> Dispatched:
         """Deduplicates the plan's copies per node, sends them to the proxies, fans them out there."""
@@ -316,15 +440,12 @@ class HierarchicalDispatcher:
             kept_N = torch.arange(plan.expert_N.shape[0], device=x_TD.device) < plan.counts_E.sum()
         rows = dedup_by_node(plan.token_N, plan.expert_N, x_TD.shape[0], e * P, V, kept_N)
         mine = torch.cat([plan.counts_E, plan.selected_E, rows.count_V])
-        gathered = [torch.empty_like(mine) for _ in range(self.R)]
-        # NOTE: collective: all-gather of the [2E + V] counts over the expert-parallel group.
-        guarded(info, "count exchange", f"{2 * E + V} counts", self.group,
-                lambda: dist.all_gather(gathered, mine, group=self.group), self.health)
-        table = torch.stack(gathered)  # [R, 2E + V]
-        counts_RE, selected_RE, _ = table.split([E, E, V], dim=1)
+        table_RC = self.gathered(with_header(mine, info, FORWARD, x_TD.dtype), info)  # NOTE: collective
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
-        host_table = read_on_host(table, f"{info.layer} call {info.call}, count exchange "
-                                         "(reading the counts)")
+        host = read_on_host(table_RC, f"{info.layer} call {info.call}, count exchange (reading the counts)")
+        host_table = checked_counts(host, info, self.group)
+        table = table_RC[:, HEADER:]  # [R, 2E + V]
+        counts_RE, selected_RE, _ = table.split([E, E, V], dim=1)
         sizes = self._sizes(host_table, E)
         # The copies and unique rows this rank sends, counted in the table: the prefixes that matter.
         copies = sum(sizes["copies_send"])

@@ -23,19 +23,45 @@ from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ..ops.experts import GroupedExperts
 from ..ops.routing import TopKRouter
 from .distributed import DistContext
 
 
+def expert_layers(model: nn.Module) -> list[nn.Module]:
+    """The MoE layers of ``model``: modules marked ``expert_parallel_layer`` (``ep.MoE`` sets it),
+    whose ``experts`` hold this rank's share of the experts."""
+    return [m for m in model.modules() if getattr(type(m), "expert_parallel_layer", False)]
+
+
 def expert_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of every expert parameter (inside a GroupedExperts), trainable or frozen: each rank holds
-    its own, so no wrapper may broadcast or average them over the job."""
-    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    """ids of every expert parameter (anything under an MoE layer's ``experts``, whatever module that
+    is), trainable or frozen: each rank holds its own, so no wrapper may broadcast or average them
+    over the job."""
+    return {id(p) for m in expert_layers(model) for p in m.get_submodule("experts").parameters()}
+
+
+def check_expert_layout(model: nn.Module, ctx: DistContext, what: str) -> None:
+    """Raises ValueError unless every MoE layer of ``model`` splits its experts over the job's
+    expert-parallel group (``ctx.ep_group``): the experts of a layer built without it (or with
+    another group) are not where the reductions over ``ctx.dp_group`` assume them, and their
+    gradients would silently differ between ranks. Layers of one rank each are the same thing at
+    ``ctx.ep_size`` 1."""
+    want = dist.get_process_group_ranks(ctx.ep_group) if ctx.ep_size > 1 else None
+    for layer in expert_layers(model):
+        size = int(getattr(layer, "ep_size", 1))
+        group = getattr(layer, "ep_group", None)
+        have = dist.get_process_group_ranks(group) if size > 1 and group is not None else None
+        if have != want:
+            name = getattr(layer, "layer_name", type(layer).__name__)
+            where = have or "no ranks (all experts on each rank)"
+            raise ValueError(f"{what}: MoE layer {name!r} splits its experts over {where}, "
+                             f"but the job's expert-parallel group (ctx.ep_group, ep_size {ctx.ep_size}) is "
+                             f"{want or 'one rank'}: build every MoE with ep.MoE(cfg, ep_group=ctx.ep_group) "
+                             f"(ep.hf.expert_parallelize does), so that its experts are reduced right")
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(non-expert, expert) trainable parameters of ``model``; expert = inside a GroupedExperts."""
+    """(non-expert, expert) trainable parameters of ``model``; expert = under an MoE's ``experts``."""
     expert_ids = expert_parameter_ids(model)
     shared: list[nn.Parameter] = []
     expert: list[nn.Parameter] = []
@@ -130,8 +156,9 @@ def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
     if is_sharded(model):
         raise ValueError("sync_gradients: this model is sharded (ep.fully_shard), whose backward already "
                          "reduced every gradient; call the optimizer directly")
+    check_expert_layout(model, ctx, "sync_gradients")
     shared, expert = split_parameters(model)
-    _all_reduce_grads(shared, None, 1.0 / ctx.world_size)
+    _all_reduce_grads(shared, ctx.world_group, 1.0 / ctx.world_size)
     expert_reduction_over(expert, ctx.dp_group, ctx.world_size)
 
 
@@ -145,31 +172,62 @@ def local_part(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+# grad_norm reads a gradient in pieces of at most this many elements: where a reduction in fp32 of a
+# low-precision tensor makes an fp32 copy first (the CPU kernels), at most one piece's copy (16 MiB)
+# is alive at a time; the GPU kernels accumulate in fp32 without one.
+NORM_PIECE = 2**22
+
+
+def _pieces(t: Tensor) -> list[Tensor]:
+    """``t`` as views of at most NORM_PIECE elements (a non-contiguous tensor whole)."""
+    if t.numel() <= NORM_PIECE or not t.is_contiguous():
+        return [t]
+    return list(t.view(-1).split(NORM_PIECE))
+
+
+def _piece_norm(piece: Tensor, norm_type: float) -> Tensor:
+    """max |piece| (norm_type inf) or Σ piece², in fp32. On the CPU the sum of squares is taken
+    over a squared fp32 copy of the piece: torch's CPU fp32 norm kernel accumulates sequentially
+    (4e-5 relative error on 2**20 bf16 values, against 1e-9 for the pairwise ``sum``)."""
+    if norm_type == math.inf:
+        return torch.linalg.vector_norm(piece, math.inf, dtype=torch.float32)
+    if piece.device.type != "cpu":
+        return torch.linalg.vector_norm(piece, dtype=torch.float32).square()
+    return piece.to(torch.float32, copy=True).square_().sum()
+
+
+def _local_norm(grads: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
+    """fp32 max |g| (norm_type inf) or Σ g² over ``grads`` (this rank's parts), streamed: one
+    fp32 result per piece, never an fp32 copy of more than one piece at a time."""
+    parts = [_piece_norm(piece, norm_type) for g in grads for piece in _pieces(local_part(g.detach()))]
+    if not parts:
+        return torch.zeros((), device=device)
+    stacked = torch.stack([part.to(device) for part in parts])
+    return stacked.max() if norm_type == math.inf else stacked.sum()
+
+
 def grad_norm(model: nn.Module, ctx: DistContext, norm_type: float = 2.0) -> Tensor:
-    """The global gradient norm of the single-device model, each expert counted once.
+    """The global gradient norm of the single-device model, each expert counted once (fp32).
 
     Call after :func:`sync_gradients` (then non-expert gradients agree on all ranks and expert
     gradients agree across the DP group), or after the backward of a ``data_parallel`` or
-    ``fully_shard`` model. Returns the same value on every rank.
+    ``fully_shard`` model. Returns the same value on every rank. Streamed: per-piece norms in fp32
+    (:data:`NORM_PIECE`), so bf16 gradients never get an fp32 copy all at once.
     """
     if norm_type not in (2.0, math.inf):
         raise ValueError(f"norm_type={norm_type} is invalid: expected 2.0 or math.inf")
+    check_expert_layout(model, ctx, "grad_norm")
     shared, expert = split_parameters(model)
     device = next(model.parameters()).device
     op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
 
     def local(params: list[nn.Parameter]) -> Tensor:
-        grads = [local_part(p.grad.detach()).float() for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=device)
-        if norm_type == math.inf:
-            return torch.stack([g.abs().max() for g in grads]).max()
-        return torch.stack([g.square().sum() for g in grads]).sum()
+        return _local_norm([p.grad for p in params if p.grad is not None], norm_type, device)
 
     if is_sharded(model):  # every element of the model lives in exactly one rank's shards
         total = local(shared + expert)
         if ctx.world_size > 1:
-            dist.all_reduce(total, op=op)  # NOTE: collective over the world
+            dist.all_reduce(total, op=op, group=ctx.world_group)  # NOTE: collective over the job
         return total if norm_type == math.inf else total.sqrt()
     shared_part, expert_part = local(shared), local(expert)
     if ctx.ep_size > 1:
@@ -208,7 +266,7 @@ def update_expert_bias(model: nn.Module, ctx: DistContext | None = None) -> None
         return
     loads = torch.stack([r.expert_load for r in routers if r.expert_load is not None])
     if ctx is not None and ctx.world_size > 1:
-        dist.all_reduce(loads)  # NOTE: collective over the whole job: every rank's tokens
+        dist.all_reduce(loads, group=ctx.world_group)  # NOTE: collective over the job: every rank's tokens
     for router, load in zip(routers, loads.double(), strict=True):
         assert router.expert_bias is not None and router.expert_load is not None
         step = torch.sign(load.mean() - load) * float(router.bias_update_rate or 0.0)

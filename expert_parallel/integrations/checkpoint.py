@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..comm.distributed import DistContext, copy_into_shard, full_tensor, receives
-from ..comm.grads import expert_parameter_ids, unwrap
+from ..comm.grads import check_expert_layout, expert_parameter_ids, unwrap
 from ..layer import MoE
 
 
@@ -86,40 +87,103 @@ def model_state(model: nn.Module, ctx: DistContext, write_backs: WriteBacks) -> 
     return state
 
 
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Creates the state of a fresh optimizer (one step with zero grads and lr 0) so it can be loaded."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if optimizer.state and all(p in optimizer.state for p in params):
-        return
-    if optimizer.state:
-        raise ValueError("optimizer has state for some parameters only; load into a fresh optimizer")
-    saved = [(g["lr"], g.get("weight_decay")) for g in optimizer.param_groups]
-    grads = [p.grad for p in params]
-    for g in optimizer.param_groups:
-        g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], Tensor) else 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()  # lr 0: parameters unchanged; loading overwrites the state it creates
-    for g, (lr, _) in zip(optimizer.param_groups, saved, strict=True):
-        g["lr"] = lr
-    for p, grad in zip(params, grads, strict=True):
-        p.grad = grad
-
-
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: DistContext,
                     write_backs: WriteBacks) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name; expert-shaped state tensors sharded like experts."""
-    ensure_optimizer_state(optimizer)
+    """The optimizer's state keyed by parameter name, as it is (a parameter without state, e.g. a
+    frozen one or any before the first step, has none); expert-shaped state tensors sharded like
+    experts. Reads the optimizer only: nothing is stepped or created."""
     names = {id(p): n for n, p in model.named_parameters()}
+    return {"state": _named_state(optimizer.state, names, model, ctx, write_backs),
+            "param_groups": _named_groups(optimizer, names)}
+
+
+def _named_state(per_param: Mapping[Any, dict[str, Any]], names: dict[int, str], model: nn.Module,
+                 ctx: DistContext, write_backs: WriteBacks) -> dict[str, Any]:
+    """``{"<param name>.<key>": value}`` of per-parameter state; expert-shaped tensors as views of
+    the single-device layout (:func:`_expert_view`)."""
     experts = _expert_ids(model)
     state: dict[str, Any] = {}
-    for p, entries in optimizer.state.items():
+    for p, entries in per_param.items():
         for key, value in entries.items():
             sharded = id(p) in experts and isinstance(value, Tensor) and value.shape == p.shape
             state[f"{names[id(p)]}.{key}"] = _expert_view(value, ctx, write_backs) if sharded else value
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
+    return state
+
+
+def _named_groups(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[dict[str, Any]]:
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups]
+
+
+def _saved_entries(path: Path) -> dict[str, Any]:
+    """The checkpoint's optimizer-state entries (``"<param name>.<key>"``) and their storage
+    metadata (tensor size and dtype, or bytes for other objects), read from DCP's metadata."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "optim.state."
+    return {key[len(prefix):]: md for key, md in metadata.items() if key.startswith(prefix)}
+
+
+def _template(p: Tensor, md: Any, saved_shape: tuple[int, ...]) -> Any:
+    """A tensor to load one saved state entry of parameter ``p`` into: like ``p`` where the saved
+    tensor has the parameter's saved shape (``saved_shape``: single-device for an expert), else of
+    the saved size on the CPU (the optimizer's own ``load_state_dict`` moves it where it keeps
+    it); None for a non-tensor."""
+    if not isinstance(md, TensorStorageMetadata):
+        return None
+    if tuple(md.size) == saved_shape:
+        return torch.zeros_like(p, dtype=md.properties.dtype)
+    return torch.zeros(tuple(md.size), dtype=md.properties.dtype)
+
+
+def optimizer_templates(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: DistContext,
+                        path: Path) -> dict[Tensor, dict[str, Any]]:
+    """Fresh tensors for exactly the state entries the checkpoint holds, per parameter of the
+    optimizer (parameters the checkpoint has no state for get none)."""
+    saved = _saved_entries(path)
+    experts = _expert_ids(model)
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    templates: dict[Tensor, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        entries = {key[len(name) + 1:]: md for key, md in saved.items()
+                   if key.startswith(f"{name}.") and "." not in key[len(name) + 1:]}
+        if id(p) not in optimized or not entries:
+            continue
+        rows = p.shape[0] * ctx.ep_size if id(p) in experts else p.shape[0] if p.dim() else None
+        shape = tuple(p.shape) if rows is None else (rows, *p.shape[1:])
+        templates[p] = {key: _template(p, md, shape) for key, md in entries.items()}
+    return templates
+
+
+def optimizer_load_state(optimizer: torch.optim.Optimizer, model: nn.Module, ctx: DistContext,
+                         path: Path, write_backs: WriteBacks) -> tuple[dict[str, Any], Callable[[], None]]:
+    """The ``optim`` entry for ``dcp.load`` to fill (templates of exactly the checkpoint's state
+    entries) and what hands the loaded values to the optimizer afterwards. The optimizer is not
+    stepped; its state becomes the checkpoint's (a parameter without saved state has none)."""
+    templates = optimizer_templates(optimizer, model, ctx, path)
+    names = {id(p): n for n, p in model.named_parameters()}
+    entry: dict[str, Any] = {"state": _named_state(templates, names, model, ctx, write_backs),
+                             "param_groups": _named_groups(optimizer, names)}
+
+    def install() -> None:
+        _install(optimizer, _with_loaded_objects(templates, entry["state"], names), entry["param_groups"])
+
+    return entry, install
+
+
+def _install(optimizer: torch.optim.Optimizer, loaded: dict[Tensor, dict[str, Any]],
+             groups: list[dict[str, Any]]) -> None:
+    """Hands the loaded state and hyperparameters to the optimizer's own ``load_state_dict`` (which
+    replaces its whole state and puts each tensor where this optimizer keeps it)."""
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(groups)} optimizer param groups, this optimizer "
+                         f"{len(optimizer.param_groups)}")
+    index: dict[int, int] = {}
+    torch_groups = []
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        ids = [index.setdefault(id(p), len(index)) for p in group["params"]]
+        torch_groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    state = {index[id(p)]: entries for p, entries in loaded.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": torch_groups})
 
 
 def _rng_states() -> dict[str, Any]:
@@ -167,26 +231,28 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     Every rank calls it. Returns the checkpoint's path. ``directory/latest`` names it once it is complete.
     """
     model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
+    check_expert_layout(model, ctx, "save_checkpoint")
     directory = Path(directory)
     final = directory / f"step_{step:08d}"
     tmp = directory / f"step_{step:08d}.tmp"
     if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
         tmp.mkdir(parents=True)
-    dist.barrier()  # NOTE: collective
+    dist.barrier(group=ctx.world_group)  # NOTE: collective
     unused: WriteBacks = []
     state: dict[str, Any] = {"model": model_state(model, ctx, unused),
                              "meta": {"step": step, **(meta or {})}}
     if optimizer is not None:
         state["optim"] = optimizer_state(optimizer, model, ctx, unused)
-    dcp.save(state, checkpoint_id=tmp)  # NOTE: collective (every rank writes its shards)
+    # NOTE: collective (every rank writes its shards), on the library's own job-wide group
+    dcp.save(state, checkpoint_id=tmp, process_group=ctx.world_group)
     torch.save(_rng_states(), _rng_file(tmp, ctx))
-    dist.barrier()  # NOTE: collective: all shards are written before the rename
+    dist.barrier(group=ctx.world_group)  # NOTE: collective: all shards are written before the rename
     if ctx.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(directory / "latest", final.name)
-    dist.barrier()  # NOTE: collective
+    dist.barrier(group=ctx.world_group)  # NOTE: collective
     return final
 
 
@@ -210,7 +276,8 @@ def latest_checkpoint(directory: str | Path, ctx: DistContext | None = None) -> 
             answer[0] = _read_latest(Path(directory))
         except OSError as err:
             answer[1] = f"{type(err).__name__}: {err}"
-    dist.broadcast_object_list(answer, src=0)  # NOTE: collective: rank 0's answer for everyone
+    # NOTE: collective: rank 0's answer for everyone
+    dist.broadcast_object_list(answer, src=0, group=ctx.world_group)
     if answer[1] is not None:
         raise FileNotFoundError(f"rank 0 could not read {Path(directory) / 'latest'}: {answer[1]}")
     if answer[0] is None:
@@ -218,7 +285,7 @@ def latest_checkpoint(directory: str | Path, ctx: DistContext | None = None) -> 
     path = Path(directory) / answer[0]
     blind = torch.tensor([0 if (path / ".metadata").exists() else 1], device=ctx.device)
     gathered = [torch.zeros_like(blind) for _ in range(ctx.world_size)]
-    dist.all_gather(gathered, blind)  # NOTE: collective: who cannot see it
+    dist.all_gather(gathered, blind, group=ctx.world_group)  # NOTE: collective: who cannot see it
     missing = [r for r, flag in enumerate(gathered) if int(flag.item())]
     if missing:
         raise FileNotFoundError(
@@ -240,29 +307,32 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     of this rank is restored when the checkpoint was written with the same world size.
     """
     model = unwrap(model)  # a DistributedDataParallel's keys without its "module." prefix
+    check_expert_layout(model, ctx, "load_checkpoint")
     path = Path(path)
     write_backs: WriteBacks = []
     state: dict[str, Any] = {"model": model_state(model, ctx, write_backs),
                              "meta": {"step": 0, **(meta or {})}}
+    install: Callable[[], None] | None = None
     if optimizer is not None:
-        state["optim"] = optimizer_state(optimizer, model, ctx, write_backs)
-    dcp.load(state, checkpoint_id=path)  # NOTE: collective; fills the tensors above in place
+        state["optim"], install = optimizer_load_state(optimizer, model, ctx, path, write_backs)
+    # NOTE: collective; fills the tensors above in place
+    dcp.load(state, checkpoint_id=path, process_group=ctx.world_group)
     for write_back in write_backs:
         write_back()
-    if optimizer is not None:
-        _restore_hyperparameters(optimizer, state["optim"]["param_groups"])
+    if install is not None:
+        install()
     if _rng_file(path, ctx).exists():
         _restore_rng_states(torch.load(_rng_file(path, ctx)))
     loaded: dict[str, Any] = state["meta"]
     return loaded
 
 
-def _restore_hyperparameters(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"checkpoint has {len(groups)} optimizer param groups, this optimizer "
-                         f"{len(optimizer.param_groups)}")
-    for group, saved in zip(optimizer.param_groups, groups, strict=True):
-        group.update({k: v for k, v in saved.items() if k != "params"})
+def _with_loaded_objects(templates: dict[Tensor, dict[str, Any]], named: dict[str, Any],
+                        names: dict[int, str]) -> dict[Tensor, dict[str, Any]]:
+    """The templates with their non-tensor entries replaced by what DCP loaded (it fills tensors in
+    place but puts other objects into the named dict)."""
+    return {p: {key: value if isinstance(value, Tensor) else named[f"{names[id(p)]}.{key}"]
+                for key, value in entries.items()} for p, entries in templates.items()}
 
 
 # ---- single-device export / import ----
@@ -299,7 +369,7 @@ def export_single_device(model: nn.Module, path: str | Path, ctx: DistContext) -
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
-    dist.barrier()  # NOTE: collective
+    dist.barrier(group=ctx.world_group)  # NOTE: collective
 
 
 def import_single_device(model: nn.Module, path: str | Path) -> None:

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..comm.distributed import DistContext, full_tensor, gather_rows_to, in_group, receives
+from ..comm.distributed import DistContext, full_tensor, gather_rows_to, in_group, job_group, receives
+from ..ops.private import file_size_to_int, keys_not_saved, remove_tied_weights, revert_weight_conversion
 from .hf import ExpertParallelBlock
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -182,13 +183,10 @@ def _to_checkpoint_names(model: Any, chunk: dict[str, Tensor], first: bool) -> d
     """transformers' own saving steps for one piece: keys it never saves dropped, tied weights kept
     once (first piece: the replicated tensors), its weight conversions reverted (the checkpoint's
     names and per-expert tensors for families whose released checkpoints have them)."""
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+    for key in keys_not_saved(model):
         chunk.pop(key, None)
     if first:
-        chunk = remove_tied_weights_from_state_dict(chunk, model)
+        chunk = remove_tied_weights(chunk, model)
     return revert_weight_conversion(model, chunk)
 
 
@@ -213,9 +211,7 @@ def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None 
     before the next block is gathered, in safetensors shards of at most ``max_shard_size`` (bytes,
     or a string such as "5GB") with each block's experts in shards of their own.
     """
-    from transformers.utils.hub import convert_file_size_to_int
-
-    max_bytes = convert_file_size_to_int(max_shard_size)
+    max_bytes = file_size_to_int(max_shard_size)
     if not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"max_shard_size={max_shard_size!r} is invalid: expected a positive size "
                          "(bytes, or a string such as '5GB')")
@@ -237,7 +233,7 @@ def save_pretrained(model: nn.Module, path: str | Path, ctx: DistContext | None 
         writer.finish()
         _write_config(model, directory)
     if spread:
-        dist.barrier()  # NOTE: collective: the directory is complete when any rank returns
+        dist.barrier(group=job_group())  # NOTE: collective: the directory is complete on any return
 
 
 __all__ = ["hf_state_chunks", "hf_state_dict", "save_pretrained"]

@@ -99,11 +99,19 @@ class CallInfo:
         layer: the layer's name (its qualified name in the model once ``ep.configure_debug`` ran).
         call: the layer's call number (1, 2, ...).
         check_splits: cross-check split sizes between ranks before every exchange (debug mode).
+        layer_id: the layer's number among the expert-parallel layers on its ranks (1, 2, ... in
+            construction order, the same on every rank; 0: unknown), sent with the counts.
+        flags: NaN/Inf flags of this call's input (1) and router logits (2), an int64 scalar on the
+            device, sent with the counts (``check_finite``); None: not checked.
+        joined: the call runs inside ``ep.join``: its backward is refused.
     """
 
     layer: str = "MoE"
     call: int = 0
     check_splits: bool = False
+    layer_id: int = 0
+    flags: Tensor | None = None
+    joined: bool = False
 
 
 @dataclass(frozen=True)
