@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
 from .comm.exchange import (
     HEADER,
@@ -49,42 +51,64 @@ def join(model: nn.Module) -> Iterator[None]:
     expert-parallel group has left; every rank's results equal those of the same batches run in
     lockstep. Forward-only: evaluation, generation, ``torch.no_grad`` or ``model.eval()`` loops.
 
-    Every rank must enter the block (with the same model). Leaving it by an exception does not
-    serve: the peers then end with the exchange's error at the collective timeout.
+    Every rank must enter the block (with the same model). Inside it, only the MoE layers may
+    communicate: a collective of the user's in the loop (a per-batch ``dist.all_reduce`` of a
+    metric) would wait for the finished rank; reduce metrics after the block. Leaving the block by
+    an exception does not serve: the peers then end with the exchange's error at the timeout.
+    A copy of the model (``copy.deepcopy`` on every rank) is served as a model of its own.
 
     Raises:
         RuntimeError: inside the block, a training forward (train mode with grad enabled), or a
             backward through a forward made inside it.
-        ValueError: the model's MoE layers use different expert-parallel groups, or the layers on
-            its group exchange counts of different widths (different numbers of experts or
-            exchanges), which one serving rank cannot tell apart.
+        ValueError: the model is a DistributedDataParallel (pass its ``.module``) or holds
+            ``ep.fully_shard`` units (their forwards all-gather over the job); its MoE layers use
+            different expert-parallel groups, or exchange counts of different widths (different
+            numbers of experts or exchanges), which one serving rank cannot tell apart.
         CollectiveError: the ranks run different layers or calls (every rank raises it).
     """
-    group = _ep_group_of(model)
+    _refuse_wrappers(model)
+    own = [m for m in model.modules() if isinstance(m, MoE) and m.ep_size > 1 and m.ep_group is not None]
+    group = _ep_group_of(own)
     if group is None:  # no peers: nothing to serve
         yield
         return
-    layers = layers_on(group)
-    widths = {layer.dispatcher.count_width for layer in layers.values()}
+    widths = {layer.dispatcher.count_width for layer in own}  # type: ignore[attr-defined]
     if len(widths) > 1:
-        raise ValueError(f"ep.join: the MoE layers on these ranks exchange counts of widths {sorted(widths)} "
+        raise ValueError(f"ep.join: the model's MoE layers exchange counts of widths {sorted(widths)} "
                          f"(different num_experts or exchange): a serving rank could not tell which "
                          f"layer a peer runs")
-    before = {i: layer.joined for i, layer in layers.items()}
-    for layer in layers.values():
+    for layer in own:  # NOTE: collective for a layer loaded since it was built on meta (every rank)
+        if not layer.replicas_checked:
+            layer.check_replicas()
+    before = [layer.joined for layer in own]
+    for layer in own:
         layer.joined = True
+    width = next(iter(widths))
     try:
         yield
-        _serve(layers, group, widths.pop())
+        _serve({i: m for i, m in layers_on(group).items() if m.dispatcher.count_width == width},
+               group, width)
     finally:
-        for i, layer in layers.items():
-            layer.joined = before[i]
+        for layer, joined in zip(own, before, strict=True):
+            layer.joined = joined
 
 
-def _ep_group_of(model: nn.Module) -> ProcessGroup | None:
-    """The one expert-parallel group of the model's MoE layers (None: no layer has peers)."""
-    groups = {tuple(dist.get_process_group_ranks(m.ep_group)): m.ep_group for m in model.modules()
-              if isinstance(m, MoE) and m.ep_size > 1 and m.ep_group is not None}
+def _refuse_wrappers(model: nn.Module) -> None:
+    """ValueError for models whose forward runs collectives of its own (DDP's buffer broadcast,
+    FSDP2's all-gathers), which a serving rank, running only the MoE layers, would not join."""
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("ep.join: the model is a DistributedDataParallel, whose forward may broadcast "
+                         "buffers; evaluate its .module inside ep.join(model.module)")
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("ep.join: the model is sharded (ep.fully_shard): every forward all-gathers "
+                         "parameters over the job, which a finished rank cannot serve; give every rank "
+                         "the same number of batches (an empty batch is fine: docs/training.md)")
+
+
+def _ep_group_of(layers: list[MoE]) -> ProcessGroup | None:
+    """The one expert-parallel group of ``layers`` (None: no layer has peers)."""
+    groups = {tuple(dist.get_process_group_ranks(m.ep_group)): m.ep_group for m in layers
+              if m.ep_group is not None}
     if len(groups) > 1:
         raise ValueError(f"ep.join: the model's MoE layers use different expert-parallel groups "
                          f"{sorted(groups)}; join one group's layers at a time")
@@ -124,5 +148,8 @@ def _serve_call(layer: MoE, table: torch.Tensor, call: int, dtype: torch.dtype) 
     x_BLD = torch.empty((1, 0, layer.cfg.d_model), dtype=weight.dtype, device=weight.device)
     cast = (torch.autocast(weight.device.type, dtype=dtype) if dtype != weight.dtype
             else contextlib.nullcontext())
-    with torch.no_grad(), cast:
-        layer(x_BLD)
+    try:
+        with torch.no_grad(), cast:
+            layer(x_BLD)
+    finally:
+        dispatcher.preset = None  # never left for a later lockstep call, whatever raised

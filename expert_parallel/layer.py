@@ -22,6 +22,7 @@ from .comm.distributed import (
     group_ranks_per_node,
     group_size_and_rank,
     in_group,
+    launch_env,
     receives,
     unsharded,
 )
@@ -97,15 +98,17 @@ _NO_GROUP = object()  # ep_group not given: one device
 
 
 def _checked_group(ep_group: ProcessGroup | object | None) -> ProcessGroup | None:
-    """The expert-parallel group ``MoE(ep_group=...)`` got; ValueError for an explicit None while
-    torch.distributed is not initialised: that is ``dist.group.WORLD`` read before
-    ``init_distributed``, which would silently build a one-process layer."""
+    """The expert-parallel group ``MoE(ep_group=...)`` got. ValueError for an explicit None in a
+    launched job of several processes before torch.distributed is initialised: that is
+    ``dist.group.WORLD`` read before ``init_distributed``, which would silently build a layer holding
+    every expert on each rank (in a plain ``python`` process, None is the one-device layer)."""
     if ep_group is _NO_GROUP:
         return None
-    if ep_group is None and not dist.is_initialized():
-        raise ValueError("MoE(ep_group=None) before torch.distributed is initialised: dist.group.WORLD "
-                         "is None until init_process_group runs. Call ctx = ep.init_distributed(...) first "
-                         "and pass ep_group=ctx.ep_group; for a one-device layer pass no ep_group at all")
+    if ep_group is None and not dist.is_initialized() and launch_env().world_size > 1:
+        raise ValueError("MoE(ep_group=None) in a job of several processes before torch.distributed is "
+                         "initialised (dist.group.WORLD is None until init_process_group runs): call "
+                         "ctx = ep.init_distributed(...) first and pass ep_group=ctx.ep_group; for a "
+                         "one-device layer pass no ep_group at all")
     if ep_group is not None and not isinstance(ep_group, ProcessGroup):
         raise ValueError(f"MoE ep_group must be a torch.distributed ProcessGroup (ctx.ep_group), got "
                          f"{type(ep_group).__name__}")
@@ -211,6 +214,10 @@ class MoE(nn.Module):
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__dict__, memo))
         clone._ddp_sync_state = LayerSync()
+        if clone.ep_group is not None and clone.ep_size > 1:
+            # a number of its own (every rank copies its model alike): the count exchange and
+            # ep.join must tell the copy, whose weights may move apart, from the original
+            clone.layer_id = register_layer(clone.ep_group, clone)
         return clone
 
     def check_replicas(self) -> None:

@@ -205,7 +205,7 @@ def check_splits(send: list[int], recv: list[int], group: ProcessGroup, info: Ca
     # NOTE: collective (debug mode only): all-gather of (layer, call, send sizes).
     guarded(info, f"{phase} split check", f"sending {send}", group,
             lambda: dist.all_gather(table, mine, group=group), health)
-    calls = {(int(t[0]), int(t[1])) for t in table}
+    calls = {(int(t[0]), int(t[1])) for t in table if int(t[1])}  # call 0 (compiled) matches any
     expected = [int(table[q][2 + me]) for q in range(R)]
     problem = ""
     if len(calls) > 1:
@@ -232,12 +232,13 @@ ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def with_header(counts: Tensor, info: CallInfo, phase: int, dtype: torch.dtype) -> Tensor:
     """``counts`` after this rank's header (int64, on the counts' device)."""
-    head = counts.new_zeros(HEADER)  # filled on the device: no host-to-device copy
-    head[0], head[1], head[2] = info.layer_id, info.call, phase
-    head[4] = ROW_DTYPES.index(dtype) if dtype in ROW_DTYPES else len(ROW_DTYPES)
+    code = ROW_DTYPES.index(dtype) if dtype in ROW_DTYPES else len(ROW_DTYPES)
+    # Each value a fill kernel's scalar argument: no host-to-device copy, no sync (setting elements
+    # of a CUDA tensor from Python ints would copy each one and wait for it).
+    head = [counts.new_full((1,), v) for v in (info.layer_id, info.call, phase, 0, code)]
     if info.flags is not None:
-        head[3] = info.flags
-    return torch.cat([head, counts])
+        head[3] = info.flags.reshape(1).to(counts.dtype)
+    return torch.cat([*head, counts])
 
 
 class CountExchange:
@@ -276,20 +277,22 @@ def check_positions(heads: list[list[int]], info: CallInfo, group: ProcessGroup)
     """Raises the same error on every rank of the exchange (each holds the same headers) when the
     ranks that run a forward are in different layers or calls (call 0, a compiled call, matches
     any), send rows of different dtypes, or one of them flagged NaN/Inf in its input or logits."""
-    ranks = dist.get_process_group_ranks(group)
     active = [h for h in heads if h[2] != SERVING]
     calls = {h[1] for h in active if h[1]}
+    flagged = [q for q, h in enumerate(heads) if h[3]]
+    if len({h[0] for h in active}) <= 1 and len(calls) <= 1 and len({h[4] for h in active}) <= 1 \
+            and not flagged:
+        return
+    ranks = dist.get_process_group_ranks(group)
     if len({h[0] for h in active}) > 1 or len(calls) > 1 or len({h[4] for h in active}) > 1:
         layers = layers_on(group)
         where = "; ".join(f"rank {r}: {_position(h, layers)}" for r, h in zip(ranks, heads, strict=True))
         raise CollectiveError(f"{info.layer} call {info.call}, count exchange: ranks are in different MoE "
                               f"calls ({where}): the layers are called in a different order or a "
                               f"different number of times on different ranks; {NOT_LOCKSTEP}")
-    flagged = [(r, h[3]) for r, h in zip(ranks, heads, strict=True) if h[3]]
-    if flagged:
-        what = "the input" if any(f & 1 for _, f in flagged) else "the router logits"
-        raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {what} on rank "
-                                 f"{', '.join(str(r) for r, _ in flagged)} of the expert-parallel group")
+    what = "the input" if any(heads[q][3] & 1 for q in flagged) else "the router logits"
+    raise FloatingPointError(f"{info.layer} call {info.call}: NaN or Inf in {what} on rank "
+                             f"{', '.join(str(ranks[q]) for q in flagged)} of the expert-parallel group")
 
 
 def _position(head: list[int], layers: dict[int, Any]) -> str:

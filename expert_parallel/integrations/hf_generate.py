@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..join import join
 
@@ -28,6 +29,10 @@ class GenerateJoined:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         generate: Any = getattr(type(self.model), "generate")  # noqa: B009 (transformers' own, of the class)
+        if any(isinstance(m, FSDPModule) for m in self.model.modules()):
+            # ep.fully_shard: every forward all-gathers over the job, which ep.join cannot serve;
+            # transformers runs such a model with synced_gpus (dummy forwards) by itself
+            return generate(self.model, *args, **kwargs)
         with join(self.model):
             return generate(self.model, *args, **kwargs)
 

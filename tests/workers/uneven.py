@@ -20,6 +20,10 @@ Scenarios:
                  the single-device reference; the join ends on every rank
   join_refuses   inside ep.join, a training forward is refused on every rank at once; a backward
                  through an eval-mode forward made inside it is refused
+  join_edges     inside ep.join: a deepcopy whose weights moved apart is served as itself; a layer built
+                 on meta and loaded runs its replica check at the join's entry (the rank with no
+                 batch never forwards); a live layer with another expert count elsewhere is no
+                 obstacle; a DistributedDataParallel or fully_shard model is refused at entry
   misuse         a layer built without ep_group under ep_size 2 is refused by sync_gradients; experts
                  replaced by another module are still reduced as experts (gradients equal the
                  single-device reference) and full_state_dict refuses them
@@ -29,6 +33,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import time
@@ -200,8 +205,37 @@ def misuse(ctx: ep.DistContext) -> None:
     print("OK misuse", flush=True)
 
 
-SCENARIOS = {"groups": groups, "user_collective": user_collective, "layer_mismatch": layer_mismatch,
-             "join_eval": join_eval, "join_refuses": join_refuses, "join_mixed": join_mixed, "misuse": misuse}
+def join_edges(ctx: ep.DistContext) -> None:
+    layer, ref = build(ctx, capacity_factor=None)
+    other, _ = build(ctx, seed=5, num_experts=8)  # alive, another width: not the joined model's
+    copy_, ref_copy = copy.deepcopy(layer), copy.deepcopy(ref)
+    with torch.no_grad():  # the copy moves apart from the original (same change on every rank)
+        for model in (copy_, ref_copy):
+            model.router.weight.mul_(-1.5)
+            model.experts.w_in.mul_(1.5)  # a rank serving the original's experts would differ
+    cfg = layer.cfg
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        meta = ep.MoE(cfg, ep_group=ctx.ep_group)
+    meta.to_empty(device="cpu")
+    meta.load_full_state_dict(ref.state_dict())  # replicas not checked yet: checked at the join
+    models = [(copy_, ref_copy), (meta, ref)]
+    for model, want in models:
+        model.eval()
+        want.eval()
+        with ep.join(model), torch.no_grad():
+            for x in batches(ctx.rank, [2, 0, 1, 3][ctx.rank] if ctx.rank else 2):
+                torch.testing.assert_close(model(x)[0], want(x)[0], atol=1e-5, rtol=1e-5)
+    assert other.calls == 0
+    expect(ValueError, "DistributedDataParallel", lambda: ep.join(ep.data_parallel(
+        torch.nn.Sequential(build(ctx, seed=6)[0]), ctx)).__enter__())
+    expect(ValueError, "fully_shard", lambda: ep.join(ep.fully_shard(
+        torch.nn.Sequential(build(ctx, seed=7)[0]), ctx)).__enter__())
+    print("OK join_edges", flush=True)
+
+
+SCENARIOS = {f.__name__: f for f in (groups, user_collective, layer_mismatch, join_eval, join_refuses,
+                                      join_mixed, misuse, join_edges)}
 
 
 def main() -> int:
