@@ -134,9 +134,11 @@ class ExpertParallelCallback(TrainerCallback):
             return  # the forward raised, or it is not a training forward
         values = output.values() if isinstance(output, dict) else output  # a ModelOutput is a dict
         values = [output] if isinstance(output, Tensor) else values
-        first = next((t for t in values if isinstance(t, Tensor) and t.requires_grad), None)
-        if first is not None:
-            first.register_hook(self._queue_take)
+        # every output that takes a gradient (a compute_loss of the user's may use the logits only);
+        # _take is idempotent, so a backward through several of them takes over once
+        for t in values:
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(self._queue_take)
 
     def _queue_take(self, grad: Tensor) -> None:
         queue_callback(self._take)  # run when this backward completes; never if it raises
