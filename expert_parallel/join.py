@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from .comm.exchange import (
@@ -36,6 +35,7 @@ from .comm.exchange import (
     layers_on,
     with_header,
 )
+from .comm.grads import is_sharded
 from .comm.watchdog import read_on_host
 from .layer import MoE
 from .ops.dispatch import CallInfo
@@ -67,7 +67,7 @@ def join(model: nn.Module) -> Iterator[None]:
         CollectiveError: the ranks run different layers or calls (every rank raises it).
     """
     _refuse_wrappers(model)
-    own = [m for m in model.modules() if isinstance(m, MoE) and m.ep_size > 1 and m.ep_group is not None]
+    own = [m for m in model.modules() if isinstance(m, MoE) and m.ep_size > 1]
     group = _ep_group_of(own)
     if group is None:  # no peers: nothing to serve
         yield
@@ -99,7 +99,7 @@ def _refuse_wrappers(model: nn.Module) -> None:
     if isinstance(model, DistributedDataParallel):
         raise ValueError("ep.join: the model is a DistributedDataParallel, whose forward may broadcast "
                          "buffers; evaluate its .module inside ep.join(model.module)")
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    if is_sharded(model):
         raise ValueError("ep.join: the model is sharded (ep.fully_shard): every forward all-gathers "
                          "parameters over the job, which a finished rank cannot serve; give every rank "
                          "the same number of batches (an empty batch is fine: docs/training.md)")

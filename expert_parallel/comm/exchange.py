@@ -278,13 +278,13 @@ def check_positions(heads: list[list[int]], info: CallInfo, group: ProcessGroup)
     ranks that run a forward are in different layers or calls (call 0, a compiled call, matches
     any), send rows of different dtypes, or one of them flagged NaN/Inf in its input or logits."""
     active = [h for h in heads if h[2] != SERVING]
-    calls = {h[1] for h in active if h[1]}
+    apart = any(len(set(values)) > 1 for values in ([h[0] for h in active], [h[1] for h in active if h[1]],
+                                                     [h[4] for h in active]))
     flagged = [q for q, h in enumerate(heads) if h[3]]
-    if len({h[0] for h in active}) <= 1 and len(calls) <= 1 and len({h[4] for h in active}) <= 1 \
-            and not flagged:
+    if not apart and not flagged:
         return
     ranks = dist.get_process_group_ranks(group)
-    if len({h[0] for h in active}) > 1 or len(calls) > 1 or len({h[4] for h in active}) > 1:
+    if apart:
         layers = layers_on(group)
         where = "; ".join(f"rank {r}: {_position(h, layers)}" for r, h in zip(ranks, heads, strict=True))
         raise CollectiveError(f"{info.layer} call {info.call}, count exchange: ranks are in different MoE "
@@ -342,12 +342,12 @@ class AllToAllDispatcher(CountExchange):
         table_RC = self.gathered(with_header(mine_2E, info, FORWARD, x_TD.dtype), info)
         # NOTE: host-device sync, the only one of the exchange: split sizes are needed on the host.
         host = read_on_host(table_RC, f"{info.layer} call {info.call}, count exchange (reading the counts)")
-        table = checked_counts(host, info, self.group)
+        table = [row[:plan.num_experts] for row in checked_counts(host, info, self.group)]  # [R][E] kept
         counts_RE, selected_RE = table_RC[:, HEADER:].split(plan.num_experts, dim=1)
         recv_Re = counts_RE[:, self.rank * e:(self.rank + 1) * e]
         mine = slice(self.rank * e, (self.rank + 1) * e)
         send_rows = [sum(table[self.rank][q * e:(q + 1) * e]) for q in range(R)]
-        recv_rows = [sum(row[:plan.num_experts][mine]) for row in table]
+        recv_rows = [sum(row[mine]) for row in table]
         # 2. Variable-size all-to-all of exactly the kept rows (a padded plan cut to them: their
         # number came with the table).
         plan = plan.truncated(sum(send_rows))
@@ -359,7 +359,7 @@ class AllToAllDispatcher(CountExchange):
                             control_bytes=R * mine_2E.numel() * 8, rank=self.rank, ranks_per_node=self.P)
         ex = ExchangeState(send_rows, recv_rows, info)
         return Dispatched(recv, recv_Re, plan, counts_E_global=counts_RE.sum(0), comm=report,
-                          exchange=ex, counts_host=[c for row in table for c in row[:plan.num_experts][mine]],
+                          exchange=ex, counts_host=[c for row in table for c in row[mine]],
                           selected_E_global=selected_RE.sum(0))
 
 

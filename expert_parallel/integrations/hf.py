@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +32,7 @@ from ..config import MoEConfig
 from ..layer import MoE
 from ..ops.losses import MoEAux
 from .ddp import prepare_ddp
-from .hf_generate import generate_joined
+from .hf_generate import generate_in_join
 
 try:
     import transformers  # noqa: F401
@@ -346,7 +346,7 @@ def expert_parallelize(model: nn.Module, ctx: DistContext | None = None) -> nn.M
     if ctx is not None:
         prepare_ddp(model, ctx)  # any DDP wrapper (Trainer's, accelerate's, yours) leaves the experts to us
     _guard_save_pretrained(model)
-    generate_joined(model)  # ranks that stop decoding at different steps serve the others
+    _generate_joined(model)  # ranks that stop decoding at different steps serve the others
     return model
 
 
@@ -392,7 +392,7 @@ def from_pretrained(path: str | Path, ctx: DistContext | None = None, **kwargs: 
     if ctx is not None:
         prepare_ddp(model, ctx)
     _guard_save_pretrained(model)
-    generate_joined(model)  # ranks that stop decoding at different steps serve the others
+    _generate_joined(model)  # ranks that stop decoding at different steps serve the others
     return model
 
 
@@ -635,21 +635,28 @@ def save_pretrained_in_hf_layout(self: nn.Module, save_directory: str | Path, *a
     return save(self, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
-class _SaveInHFLayout:
-    """``model.save_pretrained`` of an expert-parallel model: :func:`save_pretrained_in_hf_layout`.
-    An object holding its model, not a bound method, so that a deepcopy of the model saves the copy
-    and the model still pickles."""
+class _ModelMethod:
+    """A method of one expert-parallel model set on the model (``save_pretrained``, ``generate``):
+    ``fn(model, ...)``. An object holding its model, not a bound method, so that a deepcopy of the
+    model calls ``fn`` with the copy and the model still pickles."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
+        self.model, self.fn = model, fn
 
-    def __call__(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
-        return save_pretrained_in_hf_layout(self.model, save_directory, *args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.model, *args, **kwargs)
 
 
 def _guard_save_pretrained(model: nn.Module) -> None:
     """``model.save_pretrained`` writes transformers' layout (:func:`save_pretrained_in_hf_layout`)."""
-    model.save_pretrained = _SaveInHFLayout(model)  # type: ignore[assignment]
+    model.save_pretrained = _ModelMethod(model, save_pretrained_in_hf_layout)  # type: ignore[assignment]
+
+
+def _generate_joined(model: nn.Module) -> None:
+    """``model.generate`` runs inside ``ep.join`` (:func:`generate_in_join`); a model without
+    ``generate``: nothing."""
+    if callable(getattr(type(model), "generate", None)):
+        model.generate = _ModelMethod(model, generate_in_join)  # type: ignore[assignment]
 
 
 def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:

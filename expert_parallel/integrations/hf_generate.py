@@ -14,30 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
+from ..comm.grads import is_sharded
 from ..join import join
 
 
-class GenerateJoined:
-    """``model.generate`` of an expert-parallel model: transformers' own, inside ``ep.join``. An
-    object holding its model, not a bound method, so that a deepcopy of the model generates with
-    the copy and the model still pickles."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        generate: Any = getattr(type(self.model), "generate")  # noqa: B009 (transformers' own, of the class)
-        if any(isinstance(m, FSDPModule) for m in self.model.modules()):
-            # ep.fully_shard: every forward all-gathers over the job, which ep.join cannot serve;
-            # transformers runs such a model with synced_gpus (dummy forwards) by itself
-            return generate(self.model, *args, **kwargs)
-        with join(self.model):
-            return generate(self.model, *args, **kwargs)
-
-
-def generate_joined(model: nn.Module) -> None:
-    """Makes ``model.generate`` run inside ``ep.join`` (a model without ``generate``: nothing)."""
-    if callable(getattr(type(model), "generate", None)):
-        model.generate = GenerateJoined(model)  # type: ignore[assignment]
+def generate_in_join(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' own ``generate`` of ``model``, inside ``ep.join`` (``model.generate`` of an
+    ``ep.hf`` model). A sharded model (``ep.fully_shard``: every forward all-gathers over the job,
+    which ep.join cannot serve) is left to transformers, which runs it with ``synced_gpus`` (dummy
+    forwards) by itself."""
+    generate: Any = getattr(type(model), "generate")  # noqa: B009 (transformers' own, of the class)
+    if is_sharded(model):
+        return generate(model, *args, **kwargs)
+    with join(model):
+        return generate(model, *args, **kwargs)

@@ -17,10 +17,10 @@ Prints "ALL OK <n>" on rank 0.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,10 +29,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import expert_parallel as ep
 from expert_parallel.comm import grads
 from expert_parallel.comm.distributed import full_tensor
 from expert_parallel.comm.grads import unwrap
+from tests.workers.checks import check_parser, run_checks
 
 D, F, E, L, B = 8, 12, 8, 6, 2
 CFG = ep.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=2, capacity_factor=1.0, score_func="sigmoid",
@@ -337,24 +340,14 @@ CHECKS: dict[str, Callable[[ep.DistContext], None]] = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ep-size", type=int, default=None)
-    parser.add_argument("--checks", default=",".join(CHECKS))
+    parser = check_parser(CHECKS)
     parser.add_argument("--num-experts", type=int, default=E, help="fewer local experts than dp replicas: "
                         "fully_shard shards the experts' dim 1")
     args = parser.parse_args()
     global CFG
     CFG = CFG.replace(num_experts=args.num_experts)
     ctx = ep.init_distributed(ep_size=args.ep_size, timeout=120)
-    names = args.checks.split(",")
-    for name in names:
-        CHECKS[name](ctx)
-        if ctx.rank == 0:
-            print(f"ok {name}", flush=True)
-    if ctx.rank == 0:
-        print(f"ALL OK {len(names)} with {ctx.world_size} ranks, ep_size {ctx.ep_size}", flush=True)
-    ep.shutdown(ctx)
-    return 0
+    return run_checks(CHECKS, args.checks.split(","), ctx)
 
 
 if __name__ == "__main__":

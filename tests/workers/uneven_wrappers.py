@@ -21,9 +21,9 @@ Prints "ALL OK <n>" on rank 0.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,9 +31,12 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.utils.checkpoint import checkpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import expert_parallel as ep
 from expert_parallel.comm.distributed import full_tensor
 from expert_parallel.comm.grads import unwrap
+from tests.workers.checks import check_parser, run_checks
 
 D, F, E, L, B = 8, 12, 4, 3, 2
 CFG = ep.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=2, capacity_factor=None,
@@ -237,20 +240,9 @@ CHECKS: dict[str, Callable[[ep.DistContext], None]] = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ep-size", type=int, default=None)
-    parser.add_argument("--checks", default=",".join(CHECKS))
-    args = parser.parse_args()
+    args = check_parser(CHECKS).parse_args()
     ctx = ep.init_distributed(ep_size=args.ep_size, timeout=60)
-    names = args.checks.split(",")
-    for name in names:
-        CHECKS[name](ctx)
-        if ctx.rank == 0:
-            print(f"ok {name}", flush=True)
-    if ctx.rank == 0:
-        print(f"ALL OK {len(names)} with {ctx.world_size} ranks, ep_size {ctx.ep_size}", flush=True)
-    ep.shutdown(ctx)
-    return 0
+    return run_checks(CHECKS, args.checks.split(","), ctx)
 
 
 if __name__ == "__main__":
